@@ -117,4 +117,3 @@ def block_update(
         count=count + ok.long(),
         skipped=skipped + (tried & ~ok).long(),
     )
-

@@ -45,7 +45,9 @@ def check_hyperparameters(
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+        raise ValueError(
+            f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})"
+        )
 
 
 def check_step_inputs(

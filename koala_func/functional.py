@@ -43,7 +43,7 @@ def value_and_grad(
     """``(params, inputs, targets) -> (grads, per-sample losses)``.
 
     ``grads`` is the gradient of the *mean* loss, a TensorDict holding the floating-point keys
-    of ``params``; the per-sample losses are what :meth:`koala_func.KoalaPP.step` takes as
+    of ``params``; the per-sample losses are what :meth:`koala_func.KoalaPPTransform.step` takes as
     ``loss`` (it derives the mean and the second moment for the online R from them).
     Composes with ``torch.vmap`` (ensembles) and ``torch.compile``.
     """

@@ -6,7 +6,7 @@ of Neural Networks with Gradient-Covariance Products", NeurIPS 2025, arXiv:2506.
 This module is the readable reference path: it follows the authors' released optimizer
 (``KOALAPlusPlus.update``) line by line, one filter per parameter tensor ("tensor" granularity,
 as released) or one filter over all parameters ("global", the paper's equations). Every fast
-path in :mod:`koala_func.fused` is tested step by step against :meth:`KoalaPP.step`.
+path in :mod:`koala_func.fused` is tested step by step against :meth:`KoalaPPTransform.step`.
 
 For each filtered block, with :math:`H_k = g_k + \mathrm{wd}\,\theta_{k-1}`:
 
@@ -45,7 +45,7 @@ from koala_func._validation import (
     check_step_inputs,
 )
 
-__all__ = ["KoalaPP", "KoalaPPHyperparams", "KoalaPPState", "koala_pp"]
+__all__ = ["KoalaPPHyperparams", "KoalaPPState", "KoalaPPTransform", "koala_pp"]
 
 Granularity = Literal["tensor", "global"]
 NonFinite = Literal["skip", "raise"]
@@ -220,7 +220,7 @@ def _filter_block(
 
 
 @dataclass(frozen=True, eq=False)
-class KoalaPP:
+class KoalaPPTransform:
     """The KOALA++ optimizer: two pure functions, :meth:`init` and :meth:`step`.
 
     Build it with :func:`koala_pp`. The hyperparameters given here are the initial values that
@@ -338,8 +338,17 @@ class KoalaPP:
             v_prev = [flat(state.v, k) for k in block]
             h_prev = [flat(state.h_prev, k) for k in block]
             new_theta, v, H, S, ok, tried = _filter_block(
-                theta, g, v_prev, h_prev, state.s[b], state.count[b], L, R, hp,
-                self.symmetric, self.eps,
+                theta,
+                g,
+                v_prev,
+                h_prev,
+                state.s[b],
+                state.count[b],
+                L,
+                R,
+                hp,
+                self.symmetric,
+                self.eps,
             )
             for i, k in enumerate(block):
                 p = params.get(k)
@@ -386,7 +395,7 @@ def koala_pp(
     state_dtype: torch.dtype | None = None,
     differentiable: bool = False,
     nonfinite: NonFinite = "skip",
-) -> KoalaPP:
+) -> KoalaPPTransform:
     """Build a KOALA++ optimizer (Xia, Davtyan and Favaro, NeurIPS 2025, arXiv:2506.04432).
 
     Args:
@@ -402,7 +411,7 @@ def koala_pp(
         eps: blocks whose raw gradient norm is below ``eps`` are skipped.
         state_dtype: dtype of ``v`` and ``h_prev``; ``None`` uses each parameter's dtype
             (use ``torch.float32`` with float16/bfloat16 parameters).
-        differentiable: let autograd flow through :meth:`KoalaPP.step` (meta-learning,
+        differentiable: let autograd flow through :meth:`KoalaPPTransform.step` (meta-learning,
             hypergradients). Otherwise the step runs under ``torch.no_grad()``.
         nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged and counted in
             ``state.skipped``) or ``"raise"`` (eager only: raise ``FloatingPointError``).
@@ -423,7 +432,7 @@ def koala_pp(
     )
     check_choice("granularity", granularity, ("tensor", "global"))
     check_choice("nonfinite", nonfinite, ("skip", "raise"))
-    return KoalaPP(
+    return KoalaPPTransform(
         lr=lr,
         sigma=sigma,
         q=q,
