@@ -154,9 +154,14 @@ def loss_moments(loss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 def next_r(r_est: torch.Tensor, m2: torch.Tensor, hyper: KoalaPPHyperparams, online: bool):
-    """R for this step: updated before use when online, else the fixed ``r``."""
+    """R for this step: updated before use when online, else the fixed ``r``.
+
+    A non-finite loss leaves the online estimate as it was (its blocks are refused anyway, as
+    their ``L`` is not finite), so that one bad batch does not poison every later step.
+    """
     if online:
-        return hyper.alpha_r * r_est + (1 - hyper.alpha_r) * m2
+        R = hyper.alpha_r * r_est + (1 - hyper.alpha_r) * m2
+        return torch.where(torch.isfinite(R), R, r_est)
     return hyper.r + torch.zeros_like(r_est)
 
 
