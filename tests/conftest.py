@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float64, sizes=(8, 16, 3)):
     torch.manual_seed(seed)
     layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(torch.nn.Tanh())

@@ -121,7 +121,7 @@ def _random_run(n=6, steps=5, seed=0, wd=0.0, symmetric=True, r=None, collinear=
 @pytest.mark.parametrize("wd", [0.0, 1e-2])
 def test_gain_identity(symmetric, wd):
     """H.d = -lr * L_blk * s / (s + R) with s = H.v + Q|H|^2 (the new v)."""
-    for opt, (p0, st0), grad, loss, (p1, st1) in _random_run(wd=wd, symmetric=symmetric):
+    for opt, (p0, _st0), grad, loss, (p1, st1) in _random_run(wd=wd, symmetric=symmetric):
         theta = p0["w"]
         H = grad + wd * theta
         d = p1["w"] - theta
@@ -225,7 +225,7 @@ def test_global_granularity_treats_missing_gradient_as_zero():
     full = TensorDict(a=grads["a"], b=torch.zeros(3, dtype=F64))
     loss = torch.tensor(0.8, dtype=F64)
     p1, s1 = opt.step(params, grads, loss, opt.init(params))
-    p2, s2 = opt.step(params, full, loss, opt.init(params))
+    p2, _s2 = opt.step(params, full, loss, opt.init(params))
     for k in ("a", "b"):
         torch.testing.assert_close(p1[k], p2[k], rtol=0, atol=0)
     assert s1.s.shape == (1,) and s1.count.item() == 1
@@ -334,7 +334,7 @@ def test_bad_step_inputs():
         opt.step(params, TensorDict(a=torch.ones(4), z=torch.ones(1)), loss, state)
     with pytest.raises(ValueError, match=r"gradient shape \(5,\) does not match"):
         opt.step(params, TensorDict(a=torch.ones(5)), loss, state)
-    with pytest.raises(TypeError, match="gradient dtype torch.float64 does not match"):
+    with pytest.raises(TypeError, match=r"gradient dtype torch\.float64 does not match"):
         opt.step(params, TensorDict(a=torch.ones(4, dtype=F64)), loss, state)
     with pytest.raises(ValueError, match=r"loss must be .* got \(2, 3\)"):
         opt.step(params, TensorDict(a=torch.ones(4)), torch.ones(2, 3), state)
