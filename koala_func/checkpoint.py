@@ -32,6 +32,17 @@ def state_to_dict(state: KoalaPPState, params: TensorDictBase | None = None) -> 
 
     The batch size is kept, so an ensemble state (leading ``[E]`` dimension, e.g.
     ``torch.stack([s1, s2, s3])``) comes back as an ensemble.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> state = koala_pp().init(TensorDict(w=torch.ones(3)))
+        >>> data = state_to_dict(state)
+        >>> data["format"]
+        'koala_func.KoalaPPState/1'
+        >>> sorted(data["state"])
+        ['count', 'h_prev', 'hyper', 'r_est', 's', 'skipped', 'step', 'v']
     """
     out: dict[str, Any] = {
         "format": _FORMAT,
@@ -47,7 +58,18 @@ def state_to_dict(state: KoalaPPState, params: TensorDictBase | None = None) -> 
 def state_from_dict(
     data: dict[str, Any],
 ) -> KoalaPPState | tuple[KoalaPPState, TensorDict]:
-    """Inverse of :func:`state_to_dict`: the state, or ``(state, params)`` if params were saved."""
+    """Inverse of :func:`state_to_dict`: the state, or ``(state, params)`` if params were saved.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> params = TensorDict(w=torch.ones(3))
+        >>> state = koala_pp(lr=0.3).init(params)
+        >>> back, p = state_from_dict(state_to_dict(state, params))
+        >>> torch.equal(back.hyper.lr, state.hyper.lr) and torch.equal(p["w"], params["w"])
+        True
+    """
     if data.get("format") != _FORMAT:
         raise ValueError(
             f"not a KOALA++ state checkpoint (format {data.get('format')!r}, expected {_FORMAT!r})"
@@ -61,7 +83,20 @@ def state_from_dict(
 
 def save_state(state: KoalaPPState, f: PathLike, params: TensorDictBase | None = None) -> None:
     """``torch.save`` a state (and optionally the parameters) so that
-    ``torch.load(f, weights_only=True)`` accepts it; read it back with :func:`load_state`."""
+    ``torch.load(f, weights_only=True)`` accepts it; read it back with :func:`load_state`.
+
+    Example:
+        >>> import io
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> state = koala_pp().init(TensorDict(w=torch.ones(3)))
+        >>> buf = io.BytesIO()
+        >>> save_state(state, buf)
+        >>> _ = buf.seek(0)
+        >>> sorted(torch.load(buf, weights_only=True))  # the safe unpickler accepts it
+        ['batch_size', 'format', 'state']
+    """
     torch.save(state_to_dict(state, params), f)
 
 
@@ -77,6 +112,19 @@ def load_state(
 
     Returns:
         the state, or ``(state, params)`` when the parameters were saved too.
+
+    Example:
+        >>> import io
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> opt = koala_pp()
+        >>> members = [opt.init(TensorDict(w=torch.ones(3))) for _ in range(4)]
+        >>> buf = io.BytesIO()
+        >>> save_state(torch.stack(members), buf)  # an ensemble of 4 states
+        >>> _ = buf.seek(0)
+        >>> load_state(buf, member=2).batch_size
+        torch.Size([])
     """
     data = torch.load(f, map_location=map_location, weights_only=True)
     out = state_from_dict(data)

@@ -232,6 +232,23 @@ class ShardedKoalaPPTransform:
             same on every rank, and a step with no sharded parameter communicates nothing.
         compile: run the step on local tensors through ``torch.compile(fullgraph=True)`` (the
             functional all-reduce is part of the graph); one graph per parameter structure.
+
+    Example:
+        Replicated (DDP) parameters with a loss that is the same on every rank need no
+        communication, so this runs even without ``init_process_group``; under ``torchrun``
+        with ``fully_shard(model)`` the same code runs on the local shards
+        (``docs/examples/fsdp_train.py``):
+
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> opt = ShardedKoalaPPTransform(koala_pp(lr=0.5), average_loss=False)
+        >>> params = TensorDict(w=torch.ones(3))
+        >>> grads = TensorDict(w=torch.tensor([0.1, 0.2, 0.3]))
+        >>> new, state = opt.step(params, grads, torch.tensor(0.7), opt.init(params))
+        >>> ref, _ = koala_pp(lr=0.5).step(params, grads, torch.tensor(0.7), opt.init(params))
+        >>> torch.allclose(new["w"], ref["w"])
+        True
     """
 
     def __init__(
@@ -385,14 +402,22 @@ def sharded(
 ) -> ShardedKoalaPPTransform:
     """KOALA++ for FSDP2 / DDP: see :class:`ShardedKoalaPPTransform`.
 
-    Example (under ``torchrun``, after ``fully_shard(model)``)::
+    Under ``torchrun``, after ``fully_shard(model)``, the parameters are DTensors and the
+    step all-reduces the ``[T, 7]`` partial sums once (``docs/examples/fsdp_train.py``).
 
-        opt = sharded(koala_pp(lr=0.5))
-        params = TensorDict({n: p.detach() for n, p in model.named_parameters()})
-        state = opt.init(params)
-        ...
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        params, state = opt.step(params, grads, loss, state)
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> model = torch.nn.Linear(3, 2)  # fully_shard(model) under torchrun
+        >>> opt = sharded(koala_pp(lr=0.5), average_loss=False)  # one process: no collective
+        >>> params = TensorDict({n: p.detach() for n, p in model.named_parameters()})
+        >>> state = opt.init(params)
+        >>> model(torch.randn(4, 3)).square().mean().backward()
+        >>> grads = {n: p.grad for n, p in model.named_parameters()}
+        >>> params, state = opt.step(params, grads, torch.tensor(0.5), state)
+        >>> state.count.tolist()
+        [1, 1]
     """
     return ShardedKoalaPPTransform(
         transform, process_group, average_loss=average_loss, compile=compile
@@ -406,15 +431,22 @@ class ShardedKoalaPP:
     new values into the parameters' local shards. ``loss`` is this rank's loss (it is averaged
     over the ranks, see ``average_loss``).
 
-    Example::
+    Under ``torchrun``: ``fully_shard(model)`` first, then the same loop.
 
-        fully_shard(model)
-        opt = ShardedKoalaPP(model.named_parameters(), koala_pp(lr=0.5))
-        for x, y in loader:
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step(loss)
-            opt.zero_grad()
+    Example:
+        >>> import torch
+        >>> from koala_func import koala_pp
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(3, 1)
+        >>> opt = ShardedKoalaPP(model, koala_pp(lr=0.5), average_loss=False)
+        >>> x, y = torch.randn(16, 3), torch.randn(16, 1)
+        >>> for _ in range(3):
+        ...     loss = (model(x) - y).square().mean()
+        ...     loss.backward()
+        ...     opt.step(loss.detach())
+        ...     opt.zero_grad()
+        >>> opt.state.count.tolist()
+        [3, 3]
     """
 
     def __init__(

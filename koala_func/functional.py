@@ -11,7 +11,15 @@ __all__ = ["params_of", "per_sample_loss", "value_and_grad"]
 
 
 def params_of(module: torch.nn.Module) -> TensorDict:
-    """The module's parameters (no buffers) as a detached TensorDict with nested keys."""
+    """The module's parameters (no buffers) as a detached TensorDict with nested keys.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        >>> params = params_of(model)
+        >>> sorted(params.keys(include_nested=True, leaves_only=True))
+        [('0', 'bias'), ('0', 'weight'), ('1', 'bias'), ('1', 'weight')]
+    """
     flat = {name: p.detach() for name, p in module.named_parameters()}
     return TensorDict(flat, batch_size=[]).unflatten_keys(".")
 
@@ -25,6 +33,14 @@ def per_sample_loss(
     ``loss_fn(outputs, targets)`` must return one loss per sample, e.g.
     ``lambda out, y: F.cross_entropy(out, y, reduction="none")``. Leaves of ``params`` replace
     the module's tensors of the same name; the module's other buffers are used as they are.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> model = torch.nn.Linear(4, 3)
+        >>> losses_of = per_sample_loss(model, lambda o, y: F.cross_entropy(o, y, reduction="none"))
+        >>> losses_of(params_of(model), torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])).shape
+        torch.Size([5])
     """
 
     def fn(params: TensorDictBase, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -46,6 +62,21 @@ def value_and_grad(
     of ``params``; the per-sample losses are what :meth:`koala_func.KoalaPPTransform.step` takes as
     ``loss`` (it derives the mean and the second moment for the online R from them).
     Composes with ``torch.vmap`` (ensembles) and ``torch.compile``.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from koala_func import koala_pp
+        >>> model = torch.nn.Linear(4, 3)
+        >>> grad_fn = value_and_grad(model, lambda o, y: F.cross_entropy(o, y, reduction="none"))
+        >>> opt = koala_pp()
+        >>> params = params_of(model)
+        >>> state = opt.init(params)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        >>> grads, losses = grad_fn(params, x, y)
+        >>> params, state = opt.step(params, grads, losses, state)
+        >>> grads["weight"].shape, losses.shape
+        (torch.Size([3, 4]), torch.Size([8]))
     """
     losses_of = per_sample_loss(module, loss_fn)
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tensordict import TensorClass, TensorDict, TensorDictBase
@@ -44,6 +44,9 @@ from koala_func._validation import (
     check_hyperparameters,
     check_step_inputs,
 )
+
+if TYPE_CHECKING:
+    from koala_func.packed import PackedKoalaPP
 
 __all__ = ["KoalaPPHyperparams", "KoalaPPState", "KoalaPPTransform", "koala_pp"]
 
@@ -229,7 +232,22 @@ class KoalaPPTransform:
     """The KOALA++ optimizer: two pure functions, :meth:`init` and :meth:`step`.
 
     Build it with :func:`koala_pp`. The hyperparameters given here are the initial values that
-    :meth:`init` writes into the state; :meth:`step` reads them from the state only.
+    :meth:`init` writes into the state; :meth:`step` reads them from the state only, so a
+    compiled step never recompiles when they change (``state.with_hyperparams(lr=...)``).
+    This is the readable reference path; :meth:`packed` gives the compiled fast path.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> opt = koala_pp(lr=0.5)
+        >>> params = TensorDict(w=torch.ones(3), b=torch.zeros(()))
+        >>> state = opt.init(params)
+        >>> grads = TensorDict(w=torch.tensor([0.1, -0.2, 0.3]), b=torch.tensor(0.5))
+        >>> params, state = opt.step(params, grads, torch.tensor(0.7), state)
+        >>> state = state.with_hyperparams(lr=0.25)  # a schedule: edit the state between steps
+        >>> params, state = opt.step(params, grads, torch.tensor(0.6), state)
+        >>> state.step.item(), state.count.tolist()
+        (2, [2, 2])
     """
 
     lr: Scalar = 1.0
@@ -254,6 +272,13 @@ class KoalaPPTransform:
 
         ``v`` and ``h_prev`` start at zero; the first :meth:`step` of each block replaces them
         as the released optimizer does (``v_prev = sigma * H``), without branching.
+
+        Example:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> state = koala_pp(granularity="global").init(TensorDict(w=torch.ones(2, 2)))
+            >>> state.s.shape, state.hyper.lr.item()
+            (torch.Size([1]), 1.0)
         """
         keys = float_keys(params)
         dtype = scalar_dtype(params)
@@ -305,12 +330,43 @@ class KoalaPPTransform:
                 missing gradient counts as zero).
             loss: the minibatch mean loss (0-d) or the per-sample losses (1-d).
             state: from :meth:`init` or a previous :meth:`step`.
+
+        Example:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> opt = koala_pp(lr=1.0, r=0.5)
+            >>> params = TensorDict(w=torch.tensor([1.0, 2.0]))
+            >>> state = opt.init(params)
+            >>> per_sample = torch.tensor([0.5, 0.9, 0.7])  # 1-d: per-sample losses
+            >>> grads = TensorDict(w=torch.tensor([0.3, 0.4]))
+            >>> new, state = opt.step(params, grads, per_sample, state)
+            >>> bool((new["w"] < params["w"]).all())
+            True
         """
         keys = float_keys(params)
         check_step_inputs(keys, params, grads, loss)
         ctx = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with ctx:
             return self._step(keys, params, grads, loss, state)
+
+    def packed(self, params: TensorDictBase, **kwargs: Any) -> PackedKoalaPP:
+        """This optimizer on a packed layout of ``params``: the compiled fast path.
+
+        Same math, tested step by step against :meth:`step`; see
+        :func:`koala_func.packed.packed` for ``kwargs`` (``chunk_size``, ``decay``).
+
+        Example:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> params = TensorDict(w=torch.ones(4, 3), b=torch.zeros(3))
+            >>> popt = koala_pp(lr=0.5).packed(params)
+            >>> flat = popt.pack(params)
+            >>> popt.unpack(flat)["w"].shape
+            torch.Size([4, 3])
+        """
+        from koala_func.packed import packed
+
+        return packed(self, params, **kwargs)
 
     def _step(self, keys, params, grads, loss, state):
         hp = state.hyper

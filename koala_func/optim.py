@@ -90,6 +90,24 @@ class KoalaPP(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged, parameters and
             state, and counted in ``state[p]["skipped"]``) or ``"raise"``
             (``FloatingPointError``; reads a value on the host, so eager only).
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = KoalaPP(model.parameters(), lr=0.5)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> for _ in range(4):
+        ...     opt.zero_grad()
+        ...     losses = F.cross_entropy(model(x), y, reduction="none")
+        ...     losses.mean().backward()
+        ...     _ = opt.step(loss=losses.detach())
+        ...     sched.step()
+        >>> group = opt.param_groups[0]
+        >>> float(group["lr"])
+        0.125
     """
 
     def __init__(

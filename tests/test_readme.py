@@ -24,5 +24,11 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
 
 
 def test_readme_python_runs():
+    namespace: dict = {}  # blocks run in order, like the docs pages
     for block in _blocks("python"):
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "README.md", "exec"), namespace)
+    # the packed loop trained the model whose tensors are views of the packed buffer
+    assert int(namespace["pstate"].step) == 5
+    assert namespace["popt"].unpack(namespace["flat"])["0"]["weight"].data_ptr() == (
+        dict(namespace["model"].named_parameters())["0.weight"].data_ptr()
+    )

@@ -1,0 +1,1 @@
+"""The KOALA++ benchmark suite (not installed; run from the repository root)."""

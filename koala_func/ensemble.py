@@ -1,0 +1,303 @@
+r"""Ensembles, sweeps and meta-learning: many independent KOALA++ filters in one call.
+
+An ensemble of ``E`` members is a TensorDict of parameters with a leading member dimension
+(``batch_size=[E]``, e.g. from :func:`stack_params` or ``TensorDict.from_modules(*models)``) and
+one :class:`~koala_func.koala_pp.KoalaPPState` with ``batch_size=[E]``: each member has its own
+:math:`v`, :math:`H_{k-1}`, :math:`S_{k-1}`, R estimate, counts and step, and its own
+hyperparameters (shape ``[E]``; equal entries for a shared value). Because the KOALA++ step
+(Xia, Davtyan, Favaro, NeurIPS 2025, arXiv:2506.04432) is a pure, branch-free function of
+``(params, grads, loss, state)``, ``torch.vmap`` turns it into the ensemble step: member ``e``
+of the result is exactly ``step(params[e], grads[e], loss[e], state[e])``.
+
+The order of the two transforms matters: ``torch.compile(torch.vmap(step))`` compiles one graph
+for all members, while ``torch.vmap(torch.compile(step))`` silently runs eager (torch 2.13).
+:func:`ensemble_step` and :func:`ensemble_train_step` compose them in the right order.
+
+A sweep is an ensemble whose members differ only in their hyperparameters: 16 learning rates are
+``ensemble_init(opt, params, lr=torch.logspace(-3, 0, 16))`` and one call per step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+
+from koala_func._validation import Scalar, check_hyperparameters
+from koala_func.functional import params_of, value_and_grad
+from koala_func.koala_pp import KoalaPPHyperparams, KoalaPPState, KoalaPPTransform
+
+__all__ = [
+    "ensemble_init",
+    "ensemble_size",
+    "ensemble_step",
+    "ensemble_train_step",
+    "stack_params",
+]
+
+StepFn = Callable[..., Any]
+_HYPER = ("lr", "sigma", "q", "r", "alpha_r", "weight_decay")
+
+
+def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
+    """The parameters of ``modules`` (same architecture) stacked along a new member dim.
+
+    Returns a detached TensorDict with ``batch_size=[E]`` and leaves ``[E, *shape]``, the
+    layout of :func:`ensemble_init` and :func:`ensemble_step`. Initialise the modules separately
+    (different seeds) so that the members really differ. Buffers are not included, as in
+    :func:`koala_func.params_of`.
+
+    Example:
+        >>> import torch
+        >>> params = stack_params([torch.nn.Linear(3, 2) for _ in range(5)])
+        >>> tuple(params.batch_size), tuple(params["weight"].shape)
+        ((5,), (5, 2, 3))
+    """
+    if len(modules) == 0:
+        raise ValueError("stack_params() expects at least one module")
+    return torch.stack([params_of(m) for m in modules]).contiguous()
+
+
+def ensemble_size(params: TensorDictBase) -> int:
+    """``E``, the leading batch dimension of an ensemble's parameters.
+
+    Raises ``ValueError`` when ``params`` has no batch dimension: an ensemble's leaves are
+    ``[E, *shape]`` and its TensorDict says so with ``batch_size=[E]``.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> ensemble_size(TensorDict(w=torch.zeros(4, 3), batch_size=[4]))
+        4"""
+    if not isinstance(params, TensorDictBase):
+        raise TypeError(f"params must be a TensorDict, got {type(params).__name__}")
+    if params.batch_dims < 1:
+        raise ValueError(
+            "ensemble params need a leading member dimension: a TensorDict with batch_size "
+            "[E] (e.g. stack_params(models), TensorDict.from_modules(*models) or "
+            "params.auto_batch_size_(1)); got batch_size []"
+        )
+    return params.batch_size[0]
+
+
+def _member_values(name: str, value: Scalar, n: int, dtype, device) -> torch.Tensor:
+    # Python numbers go straight to the scalar dtype (via float32 they would lose digits)
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != n):
+        raise ValueError(
+            f"hyperparameter {name} must be a scalar or have shape [{n}] (one per member), "
+            f"got shape {tuple(t.shape)}"
+        )
+    # clone keeps the autograd graph (hypergradients) but gives each member its own storage,
+    # so that a compiled step sees the same strides whether a value was shared or not
+    return torch.broadcast_to(t.to(dtype=dtype, device=device), (n,)).clone()
+
+
+def ensemble_init(
+    opt: KoalaPPTransform, params: TensorDictBase, **hyperparams: Scalar
+) -> KoalaPPState:
+    """One state for all ``E`` members of ``params`` (``batch_size=[E]``).
+
+    Every member starts as ``opt.init`` would start it alone; the state has
+    ``batch_size=[E]``, so ``state[e]`` is member ``e``'s state.
+
+    Args:
+        opt: the optimizer (from :func:`koala_func.koala_pp`).
+        params: the stacked parameters, leaves ``[E, *shape]``.
+        **hyperparams: per-member or shared values of ``lr``, ``sigma``, ``q``, ``r``,
+            ``alpha_r``, ``weight_decay`` (a float, a 0-d tensor, or a tensor of shape
+            ``[E]``); they override the builder's values. Tensors that require grad keep their
+            graph, so hypergradients flow to them through a differentiable step.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> params = TensorDict(w=torch.ones(4, 3), batch_size=[4])  # 4 members
+        >>> state = ensemble_init(koala_pp(), params, lr=torch.tensor([0.1, 0.2, 0.5, 1.0]))
+        >>> tuple(state.batch_size), tuple(state.hyper.lr.shape), tuple(state.v["w"].shape)
+        ((4,), (4,), (4, 3))
+    """
+    unknown = set(hyperparams) - set(_HYPER)
+    if unknown:
+        raise TypeError(
+            f"ensemble_init() got an unexpected keyword argument {sorted(unknown)[0]!r}"
+        )
+    if "r" in hyperparams and opt.online_r:
+        raise ValueError(
+            "r is unused when R is estimated online: build the optimizer with a fixed r "
+            "(koala_pp(r=...)) to give members a fixed R"
+        )
+    n = ensemble_size(params)
+    values = {k: getattr(opt, k) for k in _HYPER}
+    if opt.online_r:
+        values["r"] = 1.0
+    values.update(hyperparams)
+    check_hyperparameters(**values, eps=opt.eps)
+
+    # Every member's state as opt.init builds it; init is shape-only, so vmap just batches it.
+    state = torch.vmap(opt.init)(params)
+    ref = state.hyper.lr
+    hyper = {k: _member_values(k, v, n, ref.dtype, ref.device) for k, v in values.items()}
+    r_est = state.r_est if opt.online_r else hyper["r"].detach().clone()
+    return state.replace(hyper=KoalaPPHyperparams(**hyper, batch_size=[n]), r_est=r_est)
+
+
+def _plain_step(step: KoalaPPTransform | StepFn) -> StepFn:
+    if isinstance(step, KoalaPPTransform):
+        if step.nonfinite == "raise":
+            raise ValueError(
+                "an ensemble step cannot use nonfinite='raise' (it reads tensor values on the "
+                "host, which vmap and compile forbid); use nonfinite='skip' and check "
+                "state.skipped"
+            )
+        return step.step
+    if not callable(step):
+        raise TypeError(f"expected an optimizer or a step function, got {type(step).__name__}")
+    orig = getattr(step, "_torchdynamo_orig_callable", None)
+    if orig is not None:
+        # vmap(compile(f)) would silently run eager: undo the inner compile, compile outside
+        warnings.warn(
+            "ensemble_step() got an already compiled function; vmapping it would run eager, "
+            "so the original function is vmapped and compiled instead",
+            UserWarning,
+            stacklevel=3,
+        )
+        return orig
+    return step
+
+
+_fresh_ids = itertools.count()
+
+
+def _with_own_code(fn: StepFn, name: str) -> StepFn:
+    """``fn`` behind a wrapper with its own code object, hence its own Dynamo cache.
+
+    Dynamo caches compiled graphs on the code object of the compiled frame, and every
+    ``torch.vmap(f)`` returns the same functorch wrapper code: all ``torch.compile(torch.vmap(f))``
+    of a process would share one cache, each new one recompiling over the others' guards until
+    the recompile limit (8), after which Dynamo silently runs eager.
+    """
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    qualname = f"{name}_{next(_fresh_ids)}"
+    code = call.__code__.replace(co_name=qualname)
+    return types.FunctionType(code, call.__globals__, qualname, None, call.__closure__)
+
+
+def ensemble_step(
+    step: KoalaPPTransform | StepFn,
+    *,
+    compile: bool = True,
+    fullgraph: bool = True,
+    **compile_kwargs: Any,
+) -> StepFn:
+    """The step of every member in one call: ``torch.compile(torch.vmap(step))``.
+
+    Args:
+        step: an optimizer (its ``step`` is used) or any function with the signature
+            ``(params, grads, loss, state) -> (params, state)``.
+        compile: compile the vmapped step (one graph for all members; changing ``E``
+            recompiles). ``False`` returns the eager ``torch.vmap(step)``.
+        fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
+        **compile_kwargs: other ``torch.compile`` arguments (``mode``, ``dynamic``, ...).
+
+    Returns:
+        ``fn(params, grads, loss, state) -> (params, state)`` where ``params`` and ``grads``
+        have leaves ``[E, *shape]``, ``loss`` is ``[E]`` (mean losses) or ``[E, B]``
+        (per-sample losses) and ``state`` comes from :func:`ensemble_init`. Member ``e`` of
+        the result equals ``step(params[e], grads[e], loss[e], state[e])``.
+
+    The order is what matters: ``torch.vmap(torch.compile(step))`` compiles nothing (or errors
+    with ``fullgraph=True``); a compiled function passed here is unwrapped with a warning.
+    Each returned function has its own Dynamo cache: every ``torch.vmap(f)`` shares one wrapper
+    code object, so plain ``torch.compile(torch.vmap(f))`` functions would share one cache and
+    its recompile limit.
+    With an optimizer built with ``differentiable=True`` the result is differentiable; the
+    compiled form gives first-order gradients equal to the eager ones (tested), and the eager
+    form (``compile=False``) is the one to use for second-order gradients (MAML).
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> opt = koala_pp(lr=0.5)
+        >>> params = TensorDict(w=torch.ones(3, 2), batch_size=[3])  # 3 members
+        >>> g = torch.tensor([[0.1, 0.2], [0.0, 0.0], [0.3, -0.1]])
+        >>> grads = TensorDict(w=g, batch_size=[3])
+        >>> state = ensemble_init(opt, params, lr=torch.tensor([0.1, 0.5, 1.0]))
+        >>> step = ensemble_step(opt, compile=False)  # compile=True (default) for speed
+        >>> params, state = step(params, grads, torch.tensor([0.7, 0.7, 0.7]), state)
+        >>> state.count.tolist()  # member 1 had a zero gradient: skipped there only
+        [[1], [0], [1]]
+    """
+    fn = torch.vmap(_plain_step(step))
+    if not compile:
+        return fn
+    return torch.compile(_with_own_code(fn, "ensemble_step"), fullgraph=fullgraph, **compile_kwargs)
+
+
+def ensemble_train_step(
+    opt: KoalaPPTransform | StepFn,
+    module: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    shared_inputs: bool = True,
+    compile: bool = True,
+    fullgraph: bool = True,
+    **compile_kwargs: Any,
+) -> Callable[..., tuple[TensorDictBase, KoalaPPState, torch.Tensor]]:
+    """A whole training step for every member in one call: forward, gradient and KOALA++ step.
+
+    Args:
+        opt: the optimizer (or a step function with the signature of ``opt.step``).
+        module: the architecture shared by the members; its parameters are replaced by each
+            member's (``torch.func.functional_call``), its own values are not used.
+        loss_fn: ``loss_fn(outputs, targets)`` returning one loss per sample, e.g.
+            ``lambda out, y: F.cross_entropy(out, y, reduction="none")``.
+        shared_inputs: all members see the same minibatch (``inputs [B, ...]``); ``False``
+            gives each its own (``inputs [E, B, ...]``, e.g. bootstrapped ensembles).
+        compile: compile the vmapped training step (as in :func:`ensemble_step`).
+        fullgraph: passed to ``torch.compile``.
+        **compile_kwargs: other ``torch.compile`` arguments.
+
+    Returns:
+        ``fn(params, state, inputs, targets) -> (params, state, losses)`` with ``losses`` of
+        shape ``[E, B]``, the per-sample losses of each member before its update.
+
+    Example:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from koala_func import koala_pp
+        >>> models = [torch.nn.Linear(4, 3) for _ in range(8)]
+        >>> params, opt = stack_params(models), koala_pp(lr=0.5)
+        >>> state = ensemble_init(opt, params)
+        >>> def ce(out, y):
+        ...     return F.cross_entropy(out, y, reduction="none")
+        >>> train = ensemble_train_step(opt, models[0], ce, compile=False)  # default: compiled
+        >>> x, y = torch.randn(16, 4), torch.randint(3, (16,))
+        >>> params, state, losses = train(params, state, x, y)
+        >>> tuple(losses.shape), state.step.tolist() == [1] * 8
+        ((8, 16), True)
+    """
+    step = _plain_step(opt)
+    grad_fn = value_and_grad(module, loss_fn)
+
+    def member_step(params, state, inputs, targets):
+        grads, losses = grad_fn(params, inputs, targets)
+        new_params, new_state = step(params, grads, losses, state)
+        return new_params, new_state, losses
+
+    dim = None if shared_inputs else 0
+    fn = torch.vmap(member_step, in_dims=(0, 0, dim, dim))
+    if not compile:
+        return fn
+    fn = _with_own_code(fn, "ensemble_train_step")
+    return torch.compile(fn, fullgraph=fullgraph, **compile_kwargs)

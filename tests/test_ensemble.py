@@ -1,0 +1,356 @@
+"""Ensembles and sweeps: one vmapped (and compiled) call equals a loop of single-model steps."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import ce_per_sample, make_data, make_mlp
+from tensordict import TensorDict
+
+from koala_func import koala_pp, value_and_grad
+from koala_func.ensemble import (
+    ensemble_init,
+    ensemble_size,
+    ensemble_step,
+    ensemble_train_step,
+    stack_params,
+)
+
+TOL = 1e-12
+N_STEPS = 4
+
+
+def make_params(n: int, seed: int = 0) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "a": torch.randn(n, 3, 2, generator=g, dtype=torch.float64),
+            "b": {"c": torch.randn(n, 4, generator=g, dtype=torch.float64)},
+            "d": torch.randn(n, 5, generator=g, dtype=torch.float64),
+        },
+        batch_size=[n],
+    )
+
+
+def make_grads(params: TensorDict, k: int, seed: int = 1) -> TensorDict:
+    """Step ``k``'s gradients: random, with member-dependent zero blocks (skipped only there)."""
+    g = torch.Generator().manual_seed(seed + 100 * k)
+    grads = params.apply(lambda p: torch.randn(p.shape, generator=g, dtype=p.dtype))
+    n = ensemble_size(params)
+    if n > 1:
+        grads["a"][k % n] = 0.0  # a different member skips "a" at every step
+    if n > 2:
+        grads["b", "c"][(k + 1) % n] = 0.0
+    return grads
+
+
+def make_loss(n: int, k: int, per_sample: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7 + k)
+    shape = (n, 6) if per_sample else (n,)
+    return torch.rand(shape, generator=g, dtype=torch.float64) + 0.1
+
+
+def member_hyper(n: int) -> dict[str, torch.Tensor]:
+    return {
+        "lr": torch.linspace(0.05, 1.0, n, dtype=torch.float64),
+        "q": torch.linspace(0.01, 0.3, n, dtype=torch.float64),
+        "sigma": torch.linspace(0.05, 0.5, n, dtype=torch.float64),
+        "alpha_r": torch.linspace(0.5, 0.95, n, dtype=torch.float64),
+        "weight_decay": torch.linspace(0.0, 1e-2, n, dtype=torch.float64),
+    }
+
+
+def loop_reference(opt, params, hyper, n_steps, per_sample, r=None):
+    """Each member alone, with the plain single-model API (opt.init, with_hyperparams, step)."""
+    n = ensemble_size(params)
+    outs = []
+    for e in range(n):
+        p = params[e]
+        state = opt.init(p)
+        state = state.with_hyperparams(**{k: v[e] for k, v in hyper.items()})
+        if r is not None:
+            state = state.with_hyperparams(r=r[e]).replace(r_est=r[e].clone())
+        for k in range(n_steps):
+            grads = make_grads(params, k)[e]
+            p, state = opt.step(p, grads, make_loss(n, k, per_sample)[e], state)
+        outs.append((p, state))
+    return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+
+
+def run_ensemble(step, opt, params, hyper, n_steps, per_sample):
+    state = ensemble_init(opt, params, **hyper)
+    p = params
+    for k in range(n_steps):
+        p, state = step(
+            p, make_grads(params, k), make_loss(ensemble_size(params), k, per_sample), state
+        )
+    return p, state
+
+
+def assert_close_td(a, b, tol=TOL):
+    for key, x in a.items(include_nested=True, leaves_only=True):
+        y = b.get(key)
+        assert x.shape == y.shape, key
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=0, atol=tol, msg=f"at {key}")
+        else:
+            assert torch.equal(x, y), key
+
+
+def assert_same_state(a, b, tol=TOL):
+    assert_close_td(a.v, b.v, tol)
+    assert_close_td(a.h_prev, b.h_prev, tol)
+    for name in ("s", "r_est"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=tol)
+    for name in ("count", "skipped", "step"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+# -- parity, eager vmap ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 3, 16])
+@pytest.mark.parametrize("per_member", [False, True])
+def test_eager_vmap_matches_loop(n, per_member):
+    opt = koala_pp(lr=0.3, sigma=0.2, q=0.05, weight_decay=1e-3)
+    params = make_params(n)
+    hyper = member_hyper(n) if per_member else {}
+    loop_hyper = hyper or {
+        k: torch.full((n,), float(getattr(opt, k)), dtype=torch.float64) for k in ("lr", "q")
+    }
+    ref_p, ref_s = loop_reference(opt, params, loop_hyper, N_STEPS, per_sample=True)
+    p, s = run_ensemble(ensemble_step(opt, compile=False), opt, params, hyper, N_STEPS, True)
+    assert tuple(s.batch_size) == (n,)
+    assert_close_td(p, ref_p)
+    assert_same_state(s, ref_s)
+    # members skip different blocks: "a" is skipped by member k % n at step k
+    if n == 3:
+        assert s.count[:, 0].tolist() == [2, 3, 3]  # member 0 skipped "a" at steps 0 and 3
+        assert s.skipped.sum().item() == 0  # a zero gradient is a skip, not a refusal
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(granularity="global"),
+        dict(symmetric=False),
+        dict(r=0.5),
+    ],
+    ids=["global", "asymmetric", "fixed_r"],
+)
+def test_eager_vmap_variants(kw):
+    n = 3
+    opt = koala_pp(lr=0.4, **kw)
+    params = make_params(n)
+    hyper = member_hyper(n)
+    r = None
+    if "r" in kw:
+        del hyper["alpha_r"]
+        r = torch.tensor([0.2, 0.5, 2.0], dtype=torch.float64)
+        hyper["r"] = r
+    ref_hyper = {k: v for k, v in hyper.items() if k != "r"}
+    ref_p, ref_s = loop_reference(opt, params, ref_hyper, N_STEPS, per_sample=False, r=r)
+    p, s = run_ensemble(ensemble_step(opt, compile=False), opt, params, hyper, N_STEPS, False)
+    assert_close_td(p, ref_p)
+    assert_same_state(s, ref_s)
+
+
+def test_missing_key_and_nonfinite_member():
+    """A gradient key missing for all members skips that block; a NaN skips one member only."""
+    n = 3
+    opt = koala_pp(lr=0.3)
+    params = make_params(n)
+    state = ensemble_init(opt, params)
+    step = ensemble_step(opt, compile=False)
+    grads = make_grads(params, 1).exclude("d")
+    grads["b", "c"][1, 2] = float("nan")
+    p, s = step(params, grads, make_loss(n, 0, True), state)
+    assert torch.equal(p["d"], params["d"])
+    assert torch.equal(p["b", "c"][1], params["b", "c"][1])
+    assert not torch.equal(p["b", "c"][0], params["b", "c"][0])
+    assert s.skipped.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
+    assert torch.isfinite(s.v["b", "c"]).all()
+    for e in range(n):
+        pe, se = opt.step(params[e], grads[e], make_loss(n, 0, True)[e], state[e])
+        assert_close_td(p[e], pe)
+        assert_same_state(s[e], se)
+
+
+# -- parity, compiled vmap (one graph, shared by the tests of this module) --------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_opt_step():
+    opt = koala_pp(lr=0.3, sigma=0.2, q=0.05, weight_decay=1e-3)
+    return opt, ensemble_step(opt)
+
+
+@pytest.mark.parametrize("per_member", [True, False])
+def test_compiled_vmap_matches_loop(compiled_opt_step, per_member):
+    opt, step = compiled_opt_step
+    n = 3
+    params = make_params(n)
+    hyper = member_hyper(n) if per_member else {"lr": 0.7}  # a float: no recompile
+    loop_hyper = {k: torch.as_tensor(v, dtype=torch.float64).expand(n) for k, v in hyper.items()}
+    ref_p, ref_s = loop_reference(opt, params, loop_hyper, N_STEPS, per_sample=True)
+    p, s = run_ensemble(step, opt, params, hyper, N_STEPS, True)
+    assert_close_td(p, ref_p)
+    assert_same_state(s, ref_s)
+
+
+def test_compiled_vmap_one_graph(compiled_opt_step):
+    opt, step = compiled_opt_step
+    torch._dynamo.utils.counters.clear()
+    params = make_params(3, seed=5)
+    run_ensemble(step, opt, params, member_hyper(3), 2, True)
+    run_ensemble(step, opt, params, {"lr": 0.1, "q": 0.2}, 2, True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1  # no new graph
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    module = torch.nn.Linear(4, 3).double()
+    x, y = make_data(n=24, d_in=4)
+    return module, x, y
+
+
+def test_train_step_matches_loop(tiny_task):
+    # eager vmap: the compiled form is covered by the step tests and the benchmark (compiling a
+    # forward + grad + step graph costs ~20 s of CPU, too much for the shared CI budget)
+    module, x, y = tiny_task
+    n = 4
+    members = [torch.nn.Linear(4, 3).double() for _ in range(n)]
+    params = stack_params(members)
+    opt = koala_pp(lr=0.5)
+    lrs = torch.tensor([0.1, 0.3, 0.5, 1.0], dtype=torch.float64)
+    train = ensemble_train_step(opt, module, ce_per_sample, compile=False)
+    p, s = params, ensemble_init(opt, params, lr=lrs)
+    for _ in range(3):
+        p, s, losses = train(p, s, x, y)
+    assert losses.shape == (n, len(y))
+    grad_fn = value_and_grad(module, ce_per_sample)
+    for e in range(n):
+        pe, se = params[e], opt.init(params[e]).with_hyperparams(lr=lrs[e])
+        for _ in range(3):
+            grads, le = grad_fn(pe, x, y)
+            pe, se = opt.step(pe, grads, le, se)
+        assert_close_td(p[e], pe)
+        assert_same_state(s[e], se)
+        torch.testing.assert_close(losses[e], le, rtol=0, atol=TOL)
+
+
+def test_eager_train_step_per_member_inputs(tiny_task):
+    module, x, y = tiny_task
+    n = 2
+    params = stack_params([torch.nn.Linear(4, 3).double() for _ in range(n)])
+    opt = koala_pp(lr=0.5)
+    xs, ys = torch.stack([x, x.flip(0)]), torch.stack([y, y.flip(0)])
+    train = ensemble_train_step(opt, module, ce_per_sample, shared_inputs=False, compile=False)
+    p, _, losses = train(params, ensemble_init(opt, params), xs, ys)
+    grad_fn = value_and_grad(module, ce_per_sample)
+    for e in range(n):
+        grads, le = grad_fn(params[e], xs[e], ys[e])
+        pe, _ = opt.step(params[e], grads, le, opt.init(params[e]))
+        assert_close_td(p[e], pe)
+        torch.testing.assert_close(losses[e], le, rtol=0, atol=TOL)
+
+
+# -- init and API ----------------------------------------------------------------------------
+
+
+def test_init_matches_single_init():
+    n = 3
+    opt = koala_pp(lr=0.2, granularity="tensor")
+    params = make_params(n)
+    state = ensemble_init(opt, params)
+    for e in range(n):
+        assert_same_state(state[e], opt.init(params[e]))
+        assert state[e].hyper.lr.item() == pytest.approx(0.2)
+    assert state.hyper.lr.shape == (n,)
+    assert state.s.shape == (n, 3)
+
+
+def test_init_hyperparams_from_builder_and_overrides():
+    n = 4
+    lrs = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    opt = koala_pp(lr=lrs, q=0.2, r=0.5)
+    state = ensemble_init(
+        opt, make_params(n), sigma=torch.tensor(0.3, dtype=torch.float64), r=[1.0, 2.0, 3.0, 4.0]
+    )
+    assert state.hyper.lr.dtype == torch.float64
+    assert torch.equal(state.hyper.lr, lrs.double())
+    assert torch.equal(state.hyper.q, torch.full((n,), 0.2, dtype=torch.float64))
+    assert torch.equal(state.hyper.sigma, torch.full((n,), 0.3, dtype=torch.float64))
+    assert state.r_est.tolist() == [1.0, 2.0, 3.0, 4.0]
+    # each member has its own storage: compiled steps see the same strides either way
+    assert state.hyper.q.stride() == (1,)
+
+
+def test_init_errors():
+    opt = koala_pp()
+    params = make_params(3)
+    with pytest.raises(ValueError, match=r"shape \[3\]"):
+        ensemble_init(opt, params, lr=torch.ones(4))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'beta'"):
+        ensemble_init(opt, params, beta=0.1)
+    with pytest.raises(ValueError, match="r is unused"):
+        ensemble_init(opt, params, r=0.1)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ensemble_init(opt, params, lr=torch.tensor([0.1, -1.0, 0.1]))
+    with pytest.raises(ValueError, match="leading member dimension"):
+        ensemble_init(opt, TensorDict(w=torch.ones(3)))
+    with pytest.raises(ValueError, match="nonfinite='raise'"):
+        ensemble_step(koala_pp(nonfinite="raise"))
+
+
+def test_compiled_function_is_unwrapped():
+    opt = koala_pp()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn = ensemble_step(torch.compile(opt.step), compile=False)
+    assert any("already compiled" in str(w.message) for w in caught)
+    params = make_params(2)
+    grads = make_grads(params, 0)
+    p, _ = fn(params, grads, make_loss(2, 0, False), ensemble_init(opt, params))
+    p0, _ = opt.step(params[0], grads[0], make_loss(2, 0, False)[0], opt.init(params[0]))
+    assert_close_td(p[0], p0)
+
+
+def test_stack_params_members_differ():
+    members = [make_mlp(seed=i) for i in range(3)]
+    params = stack_params(members)
+    assert tuple(params.batch_size) == (3,)
+    assert params["0", "weight"].shape == (3, 16, 8)
+    assert not torch.equal(params["0", "weight"][0], params["0", "weight"][1])
+    assert torch.equal(params["0", "weight"][2], members[2][0].weight.detach())
+    assert not params["0", "weight"].requires_grad
+
+
+def test_vmapped_random_init_differs():
+    """randomness='different': one vmapped init call gives members that really differ."""
+
+    def init(_):
+        return TensorDict(w=torch.rand(5, dtype=torch.float64) * 2 - 1)
+
+    params = torch.vmap(init, randomness="different")(torch.arange(4))
+    w = params["w"]
+    assert w.shape == (4, 5)
+    assert all(not torch.equal(w[i], w[j]) for i in range(4) for j in range(i + 1, 4))
+
+
+def test_each_compiled_helper_has_its_own_dynamo_cache():
+    """Every torch.vmap(f) shares one wrapper code object, hence one Dynamo cache (and its
+    recompile limit of 8): the helpers give each compiled function its own code object."""
+    opt = koala_pp()
+    assert torch.vmap(opt.step).__code__ is torch.vmap(len).__code__  # the trap itself
+    module = torch.nn.Linear(2, 2)
+    fns = [
+        ensemble_step(opt),
+        ensemble_step(opt),
+        ensemble_train_step(opt, module, ce_per_sample),
+        ensemble_train_step(opt, module, ce_per_sample),
+    ]
+    codes = {id(f._torchdynamo_orig_callable.__code__) for f in fns}  # nothing compiled yet
+    assert len(codes) == len(fns)
