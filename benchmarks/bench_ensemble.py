@@ -74,7 +74,10 @@ def timed(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, dic
     }
 
 
-def run(members: int = 64, sizes=(32, 64, 64, 10), batch: int = 32, repeats: int = 20) -> dict:
+def build_cases(
+    members: int = 64, sizes=(32, 64, 64, 10), batch: int = 32
+) -> tuple[dict[str, Callable[[], object]], dict[str, Callable[[], object]], int]:
+    """``(optimizer-step cases, training-step cases, params per member)``; not yet compiled."""
     torch.manual_seed(0)
     models = [mlp(sizes) for _ in range(members)]
     module = models[0]
@@ -106,7 +109,6 @@ def run(members: int = 64, sizes=(32, 64, 64, 10), batch: int = 32, repeats: int
         f"loop of {members} eager steps": loop(opt.step),
         f"loop of {members} compiled steps": loop(single_compiled),
     }
-    step_times = timed(step_cases, repeats)
 
     train = ensemble_train_step(opt, module, ce)
     train_eager = ensemble_train_step(opt, module, ce, compile=False)
@@ -130,8 +132,14 @@ def run(members: int = 64, sizes=(32, 64, 64, 10), batch: int = 32, repeats: int
         f"loop of {members} eager steps": train_loop(member_train),
         f"loop of {members} compiled steps": train_loop(member_train_compiled),
     }
-    train_times = timed(train_cases, max(3, repeats // 2))
     n_params = sum(p.numel() for p in p_list[0].values(include_nested=True, leaves_only=True))
+    return step_cases, train_cases, n_params
+
+
+def run(members: int = 64, sizes=(32, 64, 64, 10), batch: int = 32, repeats: int = 20) -> dict:
+    step_cases, train_cases, n_params = build_cases(members, sizes, batch)
+    step_times = timed(step_cases, repeats)
+    train_times = timed(train_cases, max(3, repeats // 2))
     return {
         "members": members,
         "sizes": list(sizes),

@@ -135,6 +135,15 @@ def markdown(res, command: str) -> str:
         "GB/s: bytes the step must move (11 floats per packed element with weight decay, "
         "10 without; 2 for the copy) over its median time.",
         "",
+        "Notes. The ratio of two methods varies from one process to the next more than within "
+        "a run (on this 2-core machine, packed in-place / Adam(fused) at weight_decay=0 on the "
+        "ResNet-18 set measured 1.31 to 1.59 over six processes); compare rows of one run. "
+        "The functional packed step returns new parameter-sized buffers: on CPU, glibc serves "
+        "allocations above 32 MB with fresh `mmap` pages, and the page faults, not the "
+        "arithmetic, make it several times slower than the in-place step on the ResNet-18 set "
+        "(with `MALLOC_MMAP_THRESHOLD_=1000000000` the gap falls to about 1.4x; CUDA's caching "
+        "allocator has no such cost). Use `step_` for large models.",
+        "",
         "## Cold compile of the packed in-place step",
         "",
         "Dynamo reset, empty inductor cache, FX graph cache off; first call minus a warm call.",

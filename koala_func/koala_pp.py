@@ -102,8 +102,14 @@ class KoalaPPState(TensorClass["nocast", "frozen"]):
         Floats are converted to tensors of the state's scalar dtype and device, so that a
         compiled step sees the same input types and does not recompile.
         """
-        ref = self.hyper.lr
-        new = {
+        return self.replace(hyper=replace_hyperparams(self.hyper, values))
+
+
+def replace_hyperparams(hyper: KoalaPPHyperparams, values: dict[str, Scalar]) -> KoalaPPHyperparams:
+    """``hyper`` with ``values`` replaced, as tensors of its scalar dtype and device."""
+    ref = hyper.lr
+    return hyper.replace(
+        **{
             k: (
                 v.to(dtype=ref.dtype, device=ref.device)
                 if isinstance(v, torch.Tensor)
@@ -111,7 +117,7 @@ class KoalaPPState(TensorClass["nocast", "frozen"]):
             )
             for k, v in values.items()
         }
-        return self.replace(hyper=self.hyper.replace(**new))
+    )
 
 
 def float_keys(params: TensorDictBase) -> list[NestedKey]:

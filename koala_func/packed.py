@@ -47,6 +47,7 @@ from koala_func.koala_pp import (
     float_keys,
     loss_moments,
     next_r,
+    replace_hyperparams,
 )
 
 __all__ = ["PackedKoalaPP", "PackedLayout", "PackedState", "choose_chunk_size", "packed"]
@@ -230,16 +231,7 @@ class PackedState(TensorClass["nocast", "frozen"]):
         Floats become 0-d tensors of the state's scalar dtype and device (no recompile). For a
         CUDA graph, write in place instead: ``state.hyper.lr.fill_(0.1)``.
         """
-        ref = self.hyper.lr
-        new = {
-            k: (
-                v.to(dtype=ref.dtype, device=ref.device)
-                if isinstance(v, torch.Tensor)
-                else torch.tensor(v, dtype=ref.dtype, device=ref.device)
-            )
-            for k, v in values.items()
-        }
-        return self.replace(hyper=self.hyper.replace(**new))
+        return self.replace(hyper=replace_hyperparams(self.hyper, values))
 
 
 @dataclass(frozen=True, eq=False)
