@@ -15,9 +15,12 @@ WEIGHT_DECAY = 5e-4
 
 
 @pytest.mark.parametrize("method", harness.METHODS)
+@pytest.mark.parametrize("weight_decay", [WEIGHT_DECAY, 0.0])
 @pytest.mark.parametrize("set", list(harness.SETS))
-def test_step(benchmark, set, method):
-    step = harness.build_method(method, harness.SETS[set](), WEIGHT_DECAY)
+def test_step(benchmark, set, weight_decay, method):
+    if method == harness.ADOPT and weight_decay != 0:
+        pytest.skip("adopt_grads needs weight_decay=0")
+    step = harness.build_method(method, harness.SETS[set](), weight_decay)
     benchmark.extra_info["tensors"] = len(harness.SETS[set]())
     benchmark.pedantic(step, rounds=20, warmup_rounds=2)
 

@@ -34,6 +34,8 @@ def test_report_machinery_runs(tmp_path, monkeypatch):
         assert method in text
     assert (tmp_path / "b.png").stat().st_size > 1000
     rows = res["steps"]
-    assert len(rows) == 2 * (len(harness.METHODS) + 1)
+    # two weight decays, the copy row each; the adopted-grads step only at weight_decay=0
+    assert len(rows) == 2 * (len(harness.METHODS) + 1) - 1
+    assert {r["weight_decay"] for r in rows if r["method"] == harness.ADOPT} == {0.0}
     assert all(r["median_s"] > 0 for r in rows)
     assert res["state"]["tiny12"]["Adam"] > 0 and res["compile"][3] > 0

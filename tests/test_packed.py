@@ -81,7 +81,7 @@ def lr_at(k: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * k / STEPS)) + 0.01
 
 
-def run_parity(opt, dtype, step_fn, popt, inplace: bool):
+def run_parity(opt, dtype, step_fn, popt, inplace: bool | str):
     """Train the reference and the packed step side by side; worst relative deviation."""
     x, y = make_data(dtype)
     params = make_params(dtype)
@@ -97,7 +97,11 @@ def run_parity(opt, dtype, step_fn, popt, inplace: bool):
         g, loss = grads_td(params, x[idx], y[idx])
         params, state = opt.step(params, g, loss, state)
         fg, floss = grads_flat(popt, flat, x[idx], y[idx])
-        if inplace:
+        if inplace == "adopt":  # the fresh gradient becomes h_prev, the rest is in place
+            v = pstate.v
+            pstate = step_fn(flat, fg, floss, pstate)
+            assert pstate.h_prev is fg and pstate.v is v
+        elif inplace:
             out = step_fn(flat, fg, floss, pstate)
             assert out is pstate
         else:
@@ -123,7 +127,7 @@ def run_parity(opt, dtype, step_fn, popt, inplace: bool):
 
 
 CASES = {
-    # name: (dtype, granularity, symmetric, weight_decay, inplace)
+    # name: (dtype, granularity, symmetric, weight_decay, inplace: False, True or "adopt")
     "f64-tensor-sym-wd-functional": (torch.float64, "tensor", True, 5e-4, False),
     "f64-tensor-sym-wd-inplace": (torch.float64, "tensor", True, 5e-4, True),
     "f64-global-asym-wd-functional": (torch.float64, "global", False, 5e-4, False),
@@ -132,6 +136,8 @@ CASES = {
     "f64-global-sym-nodecay-functional": (torch.float64, "global", True, 0.0, False),
     "f32-tensor-sym-wd-inplace": (torch.float32, "tensor", True, 5e-4, True),
     "f32-global-sym-nodecay-functional": (torch.float32, "global", True, 0.0, False),
+    "f64-tensor-sym-nodecay-adopt": (torch.float64, "tensor", True, 0.0, "adopt"),
+    "f32-global-asym-nodecay-adopt": (torch.float32, "global", False, 0.0, "adopt"),
 }
 
 
@@ -141,7 +147,7 @@ def compiled():
     out = {}
     for name, (dtype, gran, sym, wd, inplace) in CASES.items():
         opt = koala_pp(lr=0.5, weight_decay=wd, granularity=gran, symmetric=sym)
-        popt = packed(opt, make_params(dtype))
+        popt = packed(opt, make_params(dtype), adopt_grads=inplace == "adopt")
         fn = torch.compile(popt.step_ if inplace else popt.step, fullgraph=True)
         out[name] = (opt, popt, fn)
     return out
@@ -181,6 +187,59 @@ def test_no_recompiles_over_1000_steps(compiled):
             assert fn(flat, g, loss, state) is state
     assert int(state.step) == 1001
     assert torch.isfinite(flat).all()
+
+
+def test_adopt_grads_no_recompiles(compiled):
+    _, popt, fn = compiled["f64-tensor-sym-nodecay-adopt"]
+    x, y = make_data(torch.float64)
+    flat = popt.pack(make_params(torch.float64))
+    state = popt.init(flat)
+    g, loss = grads_flat(popt, flat, x[:32], y[:32])
+    state = fn(flat, g, loss, state)  # warm
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for k in range(300):
+            state = state.with_hyperparams(lr=0.5 / (1 + 0.01 * k))
+            idx = torch.arange(k * 16, k * 16 + 32) % x.shape[0]
+            g, loss = grads_flat(popt, flat, x[idx], y[idx])
+            if k == 100:  # a skipped block goes through the opaque fix-up op
+                popt.unpack(g).get(("l1", "bias")).zero_()
+            state = fn(flat, g, loss, state)
+            assert state.h_prev is g
+    assert int(state.step) == 301 and state.count.tolist() == [301, 300, 301, 301]
+
+
+def test_adopt_grads_skipped_block_keeps_h_prev_and_errors():
+    """A skipped block's h_prev survives adoption (written into the gradient tensor)."""
+    params = make_params(torch.float64)
+    opt = koala_pp(lr=0.5)
+    plain, adopt = packed(opt, params), packed(opt, params, adopt_grads=True)
+    assert not plain.adopt_grads and adopt.adopt_grads
+    f1, f2 = plain.pack(params), adopt.pack(params)
+    s1, s2 = plain.init(f1), adopt.init(f2)
+    x, y = make_data(torch.float64)
+    for k in range(6):
+        g, loss = grads_flat(plain, f1, x[k * 16 : k * 16 + 32], y[k * 16 : k * 16 + 32])
+        bias = plain.unpack(g).get(("l2", "bias"))
+        if k == 2:  # l2.bias: a zero gradient, then a NaN (skipped both times)
+            bias.zero_()
+        elif k == 3:
+            bias[0] = float("nan")
+        g2 = g.clone()
+        plain.step_(f1, g, loss, s1)
+        s2 = adopt.step_(f2, g2, loss, s2)
+        assert torch.equal(f1, f2) and torch.equal(s1.v, s2.v)
+        assert torch.equal(s1.h_prev, s2.h_prev)
+        assert s2.h_prev is g2
+    # the zero gradient is below eps (not counted); the NaN is a skip
+    assert s2.count.tolist() == [6, 6, 6, 4] and s2.skipped.tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match="fresh gradient tensor"):
+        adopt.step_(f2, s2.h_prev, loss, s2)
+    with pytest.raises(ValueError, match="cannot become the state's h_prev"):
+        adopt.step_(f2, s2.h_prev.float(), loss, s2)
+    with pytest.raises(ValueError, match="without weight decay"):
+        packed(koala_pp(weight_decay=1e-3), params, adopt_grads=True)
+    with pytest.raises(ValueError, match="state in the parameters' dtype"):
+        packed(koala_pp(state_dtype=torch.float32), params, adopt_grads=True)
 
 
 def _param_set(n_tensors: int, seed: int = 0) -> TensorDict:
