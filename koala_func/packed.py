@@ -297,6 +297,19 @@ class PackedKoalaPP:
     decay: bool = True
     adopt_grads: bool = False
 
+    def __post_init__(self) -> None:
+        if self.adopt_grads:
+            if self.decay:
+                raise ValueError(
+                    "adopt_grads=True needs a step without weight decay (then H = g): build "
+                    "the transform with weight_decay=0 or pass decay=False"
+                )
+            if self._state_dtype() != self.layout.dtype:
+                raise ValueError(
+                    "adopt_grads=True needs the state in the parameters' dtype "
+                    f"({self.layout.dtype}), got state_dtype={self.transform.state_dtype}"
+                )
+
     @property
     def n_blocks(self) -> int:
         return self.layout.n_tensors if self.transform.granularity == "tensor" else 1
@@ -365,7 +378,7 @@ class PackedKoalaPP:
     # -- the step -------------------------------------------------------------------------
 
     def _update(self, theta, g, v, h, loss, state, adopt: bool = False):
-        """Shared math: the new (theta, v, h_prev), the new scalar fields, per-block ``ok``.
+        """Shared math: returns the new (theta, v, h_prev) and the new scalar fields.
 
         ``adopt``: between the passes, write ``h`` into the chunks of ``g`` whose block is
         skipped (``g`` then holds the next ``h_prev``). Pass 2 discards those chunks' results,
@@ -546,9 +559,10 @@ def packed(
             transform's ``weight_decay`` is the number 0 (then the step reads the parameters
             once less; weight decay set later with ``with_hyperparams`` would be ignored).
         adopt_grads: without weight decay, let :meth:`PackedKoalaPP.step_` keep each
-            gradient tensor as the state's ``h_prev`` (no copy; see
-            :class:`PackedKoalaPP`). Pick it for the fastest CPU step when every step gets a
-            fresh gradient tensor; keep the default for CUDA graphs.
+            gradient tensor as the state's ``h_prev`` (no copy; see :class:`PackedKoalaPP`).
+            One parameter-sized write less per step: worth it where a write costs what a read
+            does (GPU memory); little on a CPU that writes back just-read lines cheaply.
+            Keep the default for CUDA graphs.
 
     Example:
         >>> import torch
@@ -569,15 +583,4 @@ def packed(
     if decay is None:
         wd = transform.weight_decay
         decay = not (isinstance(wd, (int, float)) and wd == 0)
-    if adopt_grads:
-        if decay:
-            raise ValueError(
-                "adopt_grads=True needs a step without weight decay (then H = g): build the "
-                "transform with weight_decay=0 or pass decay=False"
-            )
-        if transform.state_dtype not in (None, layout.dtype):
-            raise ValueError(
-                f"adopt_grads=True needs the state in the parameters' dtype ({layout.dtype}), "
-                f"got state_dtype={transform.state_dtype}"
-            )
     return PackedKoalaPP(transform, layout, bool(decay), bool(adopt_grads))
