@@ -48,8 +48,8 @@ def targets(res) -> list[tuple[str, str, str]]:
     """(target, measured, met?) for the issue's targets that this run can check."""
     rows, out = res["steps"], []
 
-    def ratio(s, wd, m):
-        a, b = _find(rows, s, wd, BASE), _find(rows, s, wd, m)
+    def ratio(s, wd, m, base=BASE):
+        a, b = _find(rows, s, wd, base), _find(rows, s, wd, m)
         return None if a is None or b is None else b["median_s"] / a["median_s"]
 
     for s, need in (("resnet18", 4.0), ("tiny500", 10.0)):
@@ -67,9 +67,8 @@ def targets(res) -> list[tuple[str, str, str]]:
         (0.0, 1.5, harness.ADOPT),
         (0.0, 1.5, BASE),
     ):
-        a, b = _find(rows, "resnet18", wd, method), _find(rows, "resnet18", wd, "Adam(fused=True)")
-        if a is not None and b is not None:
-            r = a["median_s"] / b["median_s"]
+        r = ratio("resnet18", wd, method, base="Adam(fused=True)")
+        if r is not None:
             out.append(
                 (
                     f"resnet18, wd={wd:g}: {method} / Adam(fused) <= {need:g}",

@@ -429,7 +429,7 @@ class PackedKoalaPP:
         out = (
             torch.where(ok, theta_new, theta_c).to(theta.dtype),
             torch.where(ok, v_new, v_c).to(v.dtype),
-            torch.where(ok, H, h_c).to(h.dtype),
+            None if adopt else torch.where(ok, H, h_c).to(h.dtype),  # adopt: g is h_prev
         )
         return out, (u.s, u.count, u.skipped, R, state.step + 1)
 
