@@ -171,13 +171,18 @@ def test_eager_matches_reference(granularity, inplace):
     assert run_parity(opt, torch.float64, fn, popt, inplace) < 1e-10
 
 
-def test_no_recompiles_over_1000_steps(compiled):
-    _, popt, fn = compiled["f64-tensor-sym-wd-inplace"]
+def _warm_start(popt, fn):
+    """Data, packed parameters and the state after one (warm-up) step of ``fn``."""
     x, y = make_data(torch.float64)
     flat = popt.pack(make_params(torch.float64))
-    state = popt.init(flat)
     g, loss = grads_flat(popt, flat, x[:32], y[:32])
-    fn(flat, g, loss, state)  # warm (may be a cache hit from the parity test)
+    state = fn(flat, g, loss, popt.init(flat))  # may be a cache hit from the parity test
+    return x, y, flat, state
+
+
+def test_no_recompiles_over_1000_steps(compiled):
+    _, popt, fn = compiled["f64-tensor-sym-wd-inplace"]
+    x, y, flat, state = _warm_start(popt, fn)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for k in range(1000):
             state = state.with_hyperparams(lr=0.5 / (1 + 0.01 * k))
@@ -192,11 +197,7 @@ def test_no_recompiles_over_1000_steps(compiled):
 
 def test_adopt_grads_no_recompiles(compiled):
     _, popt, fn = compiled["f64-tensor-sym-nodecay-adopt"]
-    x, y = make_data(torch.float64)
-    flat = popt.pack(make_params(torch.float64))
-    state = popt.init(flat)
-    g, loss = grads_flat(popt, flat, x[:32], y[:32])
-    state = fn(flat, g, loss, state)  # warm
+    x, y, flat, state = _warm_start(popt, fn)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for k in range(300):
             state = state.with_hyperparams(lr=0.5 / (1 + 0.01 * k))
