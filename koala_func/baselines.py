@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from tensordict import TensorClass, TensorDict, TensorDictBase
 
-from koala_func.koala_pp import float_keys, scalar_dtype
+from koala_func.state import float_keys, scalar_dtype
 
 __all__ = [
     "AdamHyperparams",

@@ -19,7 +19,7 @@ from typing import IO, Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from koala_func.koala_pp import KoalaPPState
+from koala_func.state import KoalaPPState
 
 __all__ = ["load_state", "save_state", "state_from_dict", "state_to_dict"]
 

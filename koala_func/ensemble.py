@@ -2,7 +2,7 @@ r"""Ensembles, sweeps and meta-learning: many independent KOALA++ filters in one
 
 An ensemble of ``E`` members is a TensorDict of parameters with a leading member dimension
 (``batch_size=[E]``, e.g. from :func:`stack_params` or ``TensorDict.from_modules(*models)``) and
-one :class:`~koala_func.koala_pp.KoalaPPState` with ``batch_size=[E]``: each member has its own
+one :class:`~koala_func.KoalaPPState` with ``batch_size=[E]``: each member has its own
 :math:`v`, :math:`H_{k-1}`, :math:`S_{k-1}`, R estimate, counts and step, and its own
 hyperparameters (shape ``[E]``; equal entries for a shared value). Because the KOALA++ step
 (Xia, Davtyan, Favaro, NeurIPS 2025, arXiv:2506.04432) is a pure, branch-free function of
@@ -29,8 +29,8 @@ import torch
 from tensordict import TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters
-from koala_func.functional import params_of, value_and_grad
-from koala_func.koala_pp import KoalaPPHyperparams, KoalaPPState, KoalaPPTransform
+from koala_func.functional import KoalaPPTransform, params_of, value_and_grad
+from koala_func.state import HYPERPARAMETERS, KoalaPPHyperparams, KoalaPPState
 
 __all__ = [
     "ensemble_init",
@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 StepFn = Callable[..., Any]
-_HYPER = ("lr", "sigma", "q", "r", "alpha_r", "weight_decay")
+_HYPER = HYPERPARAMETERS
 
 
 def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
@@ -238,9 +238,17 @@ def ensemble_step(
         >>> state.count.tolist()  # member 1 had a zero gradient: skipped there only
         [[1], [0], [1]]
     """
-    fn = torch.vmap(_plain_step(step))
-    if not compile:
-        return fn
+    if compile and _uses_engine(step):
+        # The engine takes the member dimension itself: no vmap, one packed graph whose
+        # size does not grow with the number of tensors per member.
+        def members(params, grads, loss, state):
+            return step._step(params, grads, loss, state, n_lead=1)
+
+        fn = members
+    else:
+        fn = torch.vmap(_plain_step(step))
+        if not compile:
+            return fn
     return torch.compile(_with_own_code(fn, "ensemble_step"), fullgraph=fullgraph, **compile_kwargs)
 
 
@@ -287,17 +295,37 @@ def ensemble_train_step(
         >>> tuple(losses.shape), state.step.tolist() == [1] * 8
         ((8, 16), True)
     """
-    step = _plain_step(opt)
-    grad_fn = value_and_grad(module, loss_fn)
-
-    def member_step(params, state, inputs, targets):
-        grads, losses = grad_fn(params, inputs, targets)
-        new_params, new_state = step(params, grads, losses, state)
-        return new_params, new_state, losses
-
     dim = None if shared_inputs else 0
-    fn = torch.vmap(member_step, in_dims=(0, 0, dim, dim))
-    if not compile:
-        return fn
+    grad_fn = value_and_grad(module, loss_fn)
+    if compile and _uses_engine(opt):
+        grads_of = torch.vmap(grad_fn, in_dims=(0, dim, dim))
+
+        def train(params, state, inputs, targets):
+            grads, losses = grads_of(params, inputs, targets)
+            new_params, new_state = opt._step(params, grads, losses, state, n_lead=1)
+            return new_params, new_state, losses
+
+        fn = train
+    else:
+        step = _plain_step(opt)
+
+        def member_step(params, state, inputs, targets):
+            grads, losses = grad_fn(params, inputs, targets)
+            new_params, new_state = step(params, grads, losses, state)
+            return new_params, new_state, losses
+
+        fn = torch.vmap(member_step, in_dims=(0, 0, dim, dim))
+        if not compile:
+            return fn
     fn = _with_own_code(fn, "ensemble_train_step")
     return torch.compile(fn, fullgraph=fullgraph, **compile_kwargs)
+
+
+def _uses_engine(step: Any) -> bool:
+    """Whether ``step`` is an optimizer whose compiled step runs the engine."""
+    return (
+        isinstance(step, KoalaPPTransform)
+        and not step.differentiable
+        and step.impl != "reference"
+        and _plain_step(step) is not None
+    )

@@ -1,13 +1,438 @@
-"""Glue for functional training loops: a module and a loss become pure functions of params."""
+r"""The functional door: ``koala_pp(...)`` builds an optimizer with pure ``init`` and ``step``.
+
+``step(params, grads, loss, state) -> (params, state)`` over TensorDicts (nested keys, integer
+leaves passed through). Which implementation runs:
+
+- eagerly, the readable reference (:func:`koala_func.reference.reference_step`), exact;
+- inside ``torch.compile`` (``torch.compile(opt.step, fullgraph=True)``), the engine
+  (:mod:`koala_func.engine`): the tensors are packed by one opaque op per buffer, so the graph
+  and its compile time do not grow with the number of tensors, and the results come back as
+  views of the packed outputs. Differentiable optimizers keep the reference (the packing op
+  has no autograd formula);
+- ``impl="engine"`` forces the engine eagerly too, ``impl="reference"`` never uses it.
+
+The in-place speed (no packing copies, no fresh outputs) is :class:`koala_func.KoalaPP`'s:
+its parameters and gradients already live in the engine's buffers.
+
+Also here: glue that turns a module and a loss into pure functions of the parameters.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-__all__ = ["params_of", "per_sample_loss", "value_and_grad"]
+from koala_func._validation import (
+    Scalar,
+    check_choice,
+    check_hyperparameters,
+    check_state,
+    check_step_inputs,
+)
+from koala_func.engine import BlockConfig, Blocks, Buffers, Hyper, Layout, loss_moments, run
+from koala_func.reference import reference_step
+from koala_func.state import (
+    HYPERPARAMETERS,
+    Granularity,
+    KoalaPPHyperparams,
+    KoalaPPState,
+    NestedKey,
+    NonFinite,
+    RStatistic,
+    blocks_of,
+    float_keys,
+    leaves,
+    scalar_dtype,
+)
+
+__all__ = ["KoalaPPTransform", "koala_pp", "params_of", "per_sample_loss", "value_and_grad"]
+
+Impl = Literal["auto", "engine", "reference"]
+
+
+@dataclass(frozen=True, eq=False)
+class KoalaPPTransform:
+    """The KOALA++ optimizer: two pure functions, :meth:`init` and :meth:`step`.
+
+    Build it with :func:`koala_pp`. The hyperparameters given here are the initial values that
+    :meth:`init` writes into the state; :meth:`step` reads them from the state only, so a
+    compiled step never recompiles when they change (``state.with_hyperparams(lr=...)``).
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> opt = koala_pp(lr=0.5)
+        >>> params = TensorDict(w=torch.ones(3), b=torch.zeros(()))
+        >>> state = opt.init(params)
+        >>> grads = TensorDict(w=torch.tensor([0.1, -0.2, 0.3]), b=torch.tensor(0.5))
+        >>> params, state = opt.step(params, grads, torch.tensor(0.7), state)
+        >>> state = state.with_hyperparams(lr=0.25)  # a schedule: edit the state between steps
+        >>> params, state = opt.step(params, grads, torch.tensor(0.6), state)
+        >>> state.step.item(), state.count.tolist()
+        (2, [2, 2])
+    """
+
+    lr: Scalar = 1.0
+    sigma: Scalar = 0.1
+    q: Scalar = 0.1
+    r: Scalar | None = None
+    alpha_r: Scalar = 0.9
+    weight_decay: Scalar = 0.0
+    loss_target: Scalar = 0.0
+    symmetric: bool = True
+    granularity: Granularity = "tensor"
+    r_statistic: RStatistic = "second_moment"
+    eps: float = 1e-9
+    state_dtype: torch.dtype | None = None
+    differentiable: bool = False
+    nonfinite: NonFinite = "skip"
+    impl: Impl = "auto"
+
+    @property
+    def online_r(self) -> bool:
+        return self.r is None
+
+    def init(self, params: TensorDictBase) -> KoalaPPState:
+        """A fresh state for ``params`` (a TensorDict, e.g. ``TensorDict.from_module(model)``).
+
+        ``v`` and ``h_prev`` start at zero; the first :meth:`step` of each block replaces them
+        as the released optimizer does (``v_prev = sigma * H``), without branching.
+
+        Example:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> state = koala_pp(granularity="global").init(TensorDict(w=torch.ones(2, 2)))
+            >>> state.s.shape, state.hyper.lr.item()
+            (torch.Size([1]), 1.0)
+        """
+        keys = float_keys(params)
+        dtype = scalar_dtype(params)
+        device = params.get(keys[0]).device if keys else params.device or torch.device("cpu")
+        n_blocks = len(blocks_of(keys, self.granularity))
+
+        def state_like(p: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(p, dtype=self.state_dtype or p.dtype).detach()
+
+        def scalar(x: Scalar) -> torch.Tensor:
+            if isinstance(x, torch.Tensor):
+                return x.to(dtype=dtype, device=device)
+            return torch.tensor(x, dtype=dtype, device=device)
+
+        zeros = params.select(*keys).apply(state_like) if keys else TensorDict()
+        values = {k: getattr(self, k) for k in HYPERPARAMETERS}
+        values["r"] = 1.0 if self.r is None else self.r
+        state = KoalaPPState(
+            v=zeros,
+            h_prev=zeros.clone(),
+            s=torch.zeros(n_blocks, dtype=dtype, device=device),
+            count=torch.zeros(n_blocks, dtype=torch.int64, device=device),
+            skipped=torch.zeros(n_blocks, dtype=torch.int64, device=device),
+            r_est=scalar(values["r"]),
+            step=torch.zeros((), dtype=torch.int64, device=device),
+            hyper=KoalaPPHyperparams(**{k: scalar(v) for k, v in values.items()}),
+        )
+        # A state rebuilt by a compiled step comes back unlocked, and Dynamo guards on the
+        # lock flag: start unlocked too, so that the second compiled call does not recompile.
+        # The fields are still read-only (a frozen TensorClass); steps return new states.
+        state._tensordict.unlock_()
+        return state
+
+    def step(
+        self,
+        params: TensorDictBase,
+        grads: TensorDictBase,
+        loss: torch.Tensor,
+        state: KoalaPPState,
+    ) -> tuple[TensorDictBase, KoalaPPState]:
+        """One KOALA++ update: returns new parameters and a new state; inputs are not modified.
+
+        Args:
+            params: the parameters (TensorDict; non-float leaves pass through).
+            grads: gradients of the mean loss, a TensorDict with a subset of the float keys of
+                ``params``. A missing key, or a block whose raw gradient norm is below ``eps``,
+                leaves that block and its state unchanged (with ``granularity="global"``, a
+                missing gradient counts as zero).
+            loss: the minibatch mean loss (0-d) or the per-sample losses (1-d).
+            state: from :meth:`init` or a previous :meth:`step`.
+
+        Example:
+            >>> import torch
+            >>> from tensordict import TensorDict
+            >>> opt = koala_pp(lr=1.0, r=0.5)
+            >>> params = TensorDict(w=torch.tensor([1.0, 2.0]))
+            >>> state = opt.init(params)
+            >>> per_sample = torch.tensor([0.5, 0.9, 0.7])  # 1-d: per-sample losses
+            >>> grads = TensorDict(w=torch.tensor([0.3, 0.4]))
+            >>> new, state = opt.step(params, grads, per_sample, state)
+            >>> bool((new["w"] < params["w"]).all())
+            True
+        """
+        return self._step(params, grads, loss, state, n_lead=0)
+
+    def _step(self, params, grads, loss, state, n_lead: int):
+        keys = float_keys(params)
+        p_leaves, g_leaves = leaves(params), leaves(grads)
+        check_step_inputs(keys, p_leaves, g_leaves, loss, n_lead)
+        v_leaves = leaves(state.v)
+        n_blocks = len(blocks_of(keys, self.granularity))
+        check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
+        self._check_loss(loss, n_lead)
+        engine = self.impl == "engine" or (
+            self.impl == "auto" and torch.compiler.is_compiling() and not self.differentiable
+        )
+        ctx = contextlib.nullcontext() if self.differentiable else torch.no_grad()
+        with ctx:
+            if engine and keys:
+                new_params, new_state = engine_step(
+                    self, keys, (p_leaves, g_leaves, v_leaves), params, loss, state, n_lead
+                )
+            else:
+                new_params, new_state = reference_step(self, keys, params, grads, loss, state)
+        if self.nonfinite == "raise" and not torch.compiler.is_compiling():
+            if bool(torch.any(new_state.skipped != state.skipped)):  # eager only: a host sync
+                raise FloatingPointError(
+                    "KOALA++ step met a NaN or inf (loss, gradient or denominator) or a "
+                    "negative residual; use nonfinite='skip' to skip such blocks instead"
+                )
+        return new_params, new_state
+
+    def _check_loss(self, loss: torch.Tensor, n_lead: int) -> None:
+        if self.r_statistic == "variance" and self.online_r and loss.dim() == n_lead:
+            raise ValueError(
+                "r_statistic='variance' needs the per-sample losses (a 1-d loss): the variance "
+                "of a single mean loss is unavailable"
+            )
+
+    def block_config(self) -> BlockConfig:
+        """The structural options as the engine takes them."""
+        return BlockConfig(
+            symmetric=self.symmetric,
+            online=self.online_r,
+            variance=self.r_statistic == "variance",
+            eps=self.eps,
+        )
+
+
+_LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
+
+
+def layouts_for(
+    tensors: list[torch.Tensor],
+    blocks: list[int],
+    state_dtype,
+    n_lead: int,
+    sharded: list[bool] | None = None,
+) -> list[tuple[Layout, list[int]]]:
+    """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
+    the indices of its tensors; cached by structure, so a compiled step builds them once."""
+    sig = tuple((t.shape[n_lead:], t.dtype, t.device) for t in tensors)
+    flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
+    key = (sig, tuple(blocks), state_dtype, flags)
+    # Inside a compiled graph the layout is built at trace time only; a cache lookup there
+    # would add a guard on the cache that fails once the entry exists (a recompile).
+    found = None if torch.compiler.is_compiling() else _LAYOUTS.get(key)
+    if found is None:
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.dtype, state_dtype or t.dtype, t.device, flags[i]), []).append(i)
+        found = [
+            (Layout([sig[i][0] for i in idx], dt, dev, [blocks[i] for i in idx]), idx)
+            for (dt, _, dev, _), idx in groups.items()
+        ]
+        if not torch.compiler.is_compiling():
+            _LAYOUTS[key] = found
+    return found
+
+
+def hyper_of(hyper: KoalaPPHyperparams) -> Hyper:
+    """The state's hyperparameters as the engine takes them (``[..., 1]``: one for all blocks)."""
+    return Hyper(*(getattr(hyper, k).unsqueeze(-1) for k in HYPERPARAMETERS))
+
+
+def engine_step(
+    opt: KoalaPPTransform,
+    keys: list[NestedKey],
+    found: tuple[dict, dict, dict],
+    params: TensorDictBase,
+    loss: torch.Tensor,
+    state: KoalaPPState,
+    n_lead: int,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sharded: list[bool] | None = None,
+) -> tuple[TensorDictBase, KoalaPPState]:
+    """:meth:`KoalaPPTransform.step` through the engine: pack, :func:`~koala_func.engine.run`,
+    unpack as views. ``n_lead`` leading member dimensions (ensembles) on every tensor.
+    ``found``: the leaves of params, grads and ``state.v`` by key. ``reduce`` and ``sharded``
+    (per key: its sums are partial) are the engine's, for local shards
+    (:mod:`koala_func.distributed`)."""
+    p_leaves, g_leaves, v_leaves = found
+    h_leaves = leaves(state.h_prev)
+    tensors = [p_leaves[k] for k in keys]
+    blocks = list(range(len(keys))) if opt.granularity == "tensor" else [0] * len(keys)
+    n_blocks = len(blocks_of(keys, opt.granularity))
+    present = [False] * n_blocks
+    grad_list = [g_leaves.get(k, None) for k in keys]
+    for b, g in zip(blocks, grad_list, strict=True):
+        present[b] |= g is not None
+    cdt = state.hyper.lr.dtype
+    if loss.dim() == n_lead + 1:
+        mean, mean_sq = loss_moments(loss, cdt)
+    else:
+        mean = loss.to(cdt)
+        mean_sq = mean.square()
+
+    layouts, bufs = [], []
+    groups = layouts_for(tensors, blocks, opt.state_dtype, n_lead, sharded)
+    for layout, idx in groups:
+        sd = opt.state_dtype or layout.dtype
+
+        def pk(items, dtype, layout=layout, idx=idx):
+            chosen = [items[i] for i in idx]
+            if all(t is None for t in chosen):  # no gradient in this layout
+                return layout.zeros(*tensors[idx[0]].shape[:n_lead], dtype=dtype)
+            return layout.pack(chosen, dtype, n_lead)
+
+        layouts.append(layout)
+        bufs.append(
+            Buffers(
+                pk(tensors, layout.dtype),
+                pk(grad_list, layout.dtype),
+                pk([v_leaves[k] for k in keys], sd),
+                pk([h_leaves[k] for k in keys], sd),
+            )
+        )
+    out, u = run(
+        [layout.owner for layout in layouts],
+        bufs,
+        Blocks(state.s, state.count, state.skipped, state.r_est.unsqueeze(-1)),
+        mean,
+        mean_sq,
+        hyper_of(state.hyper),
+        opt.block_config(),
+        present=None if all(present) else torch.tensor(present, device=state.s.device),
+        reduce=reduce,
+        sharded=None if sharded is None else [sharded[idx[0]] for _, idx in groups],
+    )
+    new_params, new_v, new_h = params.copy(), state.v.copy(), state.h_prev.copy()
+    for (layout, idx), (theta, v, h) in zip(groups, out, strict=True):
+        for name, td in ((theta, new_params), (v, new_v), (h, new_h)):
+            for i, view in zip(idx, layout.views(name), strict=True):
+                td.set(keys[i], view)
+    return new_params, state.replace(
+        v=new_v,
+        h_prev=new_h,
+        s=u.s,
+        count=u.count,
+        skipped=u.skipped,
+        r_est=u.r.squeeze(-1),
+        step=state.step + 1,
+    )
+
+
+def koala_pp(
+    *,
+    lr: Scalar = 1.0,
+    sigma: Scalar = 0.1,
+    q: Scalar = 0.1,
+    r: Scalar | None = None,
+    alpha_r: Scalar = 0.9,
+    weight_decay: Scalar = 0.0,
+    loss_target: Scalar = 0.0,
+    symmetric: bool = True,
+    granularity: Granularity = "tensor",
+    r_statistic: RStatistic = "second_moment",
+    eps: float = 1e-9,
+    state_dtype: torch.dtype | None = None,
+    differentiable: bool = False,
+    nonfinite: NonFinite = "skip",
+    impl: Impl = "auto",
+) -> KoalaPPTransform:
+    """Build a KOALA++ optimizer (Xia, Davtyan and Favaro, NeurIPS 2025, arXiv:2506.04432).
+
+    Args:
+        lr: learning rate :math:`\\eta` (the released default for vision is 1.0).
+        sigma: initial covariance variance, :math:`P_0 = \\sigma I` (``v_0 = sigma * H``).
+        q: process noise :math:`Q`.
+        r: fixed observation noise :math:`R`; ``None`` estimates it online from the loss.
+        alpha_r: smoothing of the online R estimate (which starts at 1.0).
+        weight_decay: L2 coefficient coupled into the filter (:math:`H = g + wd\\,\\theta`).
+        loss_target: the observation the loss is driven to (default 0). The step is
+            proportional to the residual ``L_blk - loss_target``; a block whose residual is
+            negative is skipped and counted in ``state.skipped`` (it would move uphill). Set it
+            to a lower bound of the loss for losses that can be negative.
+        symmetric: keep the :math:`w_k` term (the symmetric least-squares estimate); ``False``
+            is the cheaper asymmetric variant.
+        granularity: ``"tensor"`` (one filter per tensor, as released) or ``"global"``.
+        r_statistic: what feeds the online R: ``"second_moment"`` ``mean(l**2)`` (the authors'
+            image scripts; ``L**2`` for a 0-d loss) or ``"variance"``
+            ``mean(l**2) - mean(l)**2`` (their language-model script; needs per-sample losses).
+        eps: blocks whose raw gradient norm is below ``eps`` are skipped.
+        state_dtype: dtype of ``v`` and ``h_prev``; ``None`` uses each parameter's dtype
+            (use ``torch.float32`` with float16/bfloat16 parameters).
+        differentiable: let autograd flow through :meth:`KoalaPPTransform.step` (meta-learning,
+            hypergradients). Otherwise the step runs under ``torch.no_grad()``.
+        nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged and counted in
+            ``state.skipped``) or ``"raise"`` (eager only: raise ``FloatingPointError``).
+        impl: ``"auto"`` (the reference eagerly, the engine under ``torch.compile``),
+            ``"engine"`` or ``"reference"``.
+
+    Example:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> opt = koala_pp(lr=0.5)
+        >>> params = TensorDict(w=torch.ones(3))
+        >>> state = opt.init(params)
+        >>> grads = TensorDict(w=torch.tensor([0.1, -0.2, 0.3]))
+        >>> params, state = opt.step(params, grads, torch.tensor(0.7), state)
+        >>> state.count.tolist()
+        [1]
+    """
+    check_hyperparameters(
+        lr=lr,
+        sigma=sigma,
+        q=q,
+        r=r,
+        alpha_r=alpha_r,
+        weight_decay=weight_decay,
+        loss_target=loss_target,
+        eps=eps,
+    )
+    check_choice("granularity", granularity, ("tensor", "global"))
+    check_choice("nonfinite", nonfinite, ("skip", "raise"))
+    check_choice("r_statistic", r_statistic, ("second_moment", "variance"))
+    check_choice("impl", impl, ("auto", "engine", "reference"))
+    if impl == "engine" and differentiable:
+        raise ValueError(
+            "impl='engine' cannot be differentiable=True (its packing op has no autograd "
+            "formula); use impl='auto' or 'reference'"
+        )
+    if state_dtype is not None and not (
+        isinstance(state_dtype, torch.dtype) and state_dtype.is_floating_point
+    ):
+        raise TypeError(f"state_dtype must be a floating-point torch.dtype, got {state_dtype!r}")
+    return KoalaPPTransform(
+        lr=lr,
+        sigma=sigma,
+        q=q,
+        r=r,
+        alpha_r=alpha_r,
+        weight_decay=weight_decay,
+        loss_target=loss_target,
+        symmetric=bool(symmetric),
+        granularity=granularity,
+        r_statistic=r_statistic,
+        eps=float(eps),
+        state_dtype=state_dtype,
+        differentiable=bool(differentiable),
+        nonfinite=nonfinite,
+        impl=impl,
+    )
 
 
 def params_of(module: torch.nn.Module) -> TensorDict:

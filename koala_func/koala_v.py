@@ -35,7 +35,24 @@ import torch
 from tensordict import TensorClass, TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters, check_step_inputs
-from koala_func.koala_pp import float_keys, loss_moments, next_r, scalar_dtype
+from koala_func.state import float_keys, scalar_dtype
+
+
+def _loss_moments(loss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean loss and the second moment feeding R (``L**2`` for a 0-d loss)."""
+    loss = loss.to(dtype)
+    if loss.dim() == 1:
+        return loss.mean(), loss.square().mean()
+    return loss, loss.square()
+
+
+def _next_r(r_est: torch.Tensor, m2: torch.Tensor, hyper, online: bool) -> torch.Tensor:
+    """R for this step: updated before use when online (a non-finite value keeps the old)."""
+    if online:
+        R = hyper.alpha_r * r_est + (1 - hyper.alpha_r) * m2
+        return torch.where(torch.isfinite(R), R, r_est)
+    return hyper.r + torch.zeros_like(r_est)
+
 
 __all__ = ["KoalaVHyperparams", "KoalaVState", "KoalaVTransform", "koala_v"]
 
@@ -192,8 +209,8 @@ class KoalaVTransform:
     def _step(self, keys, params, grads, loss, state):
         hp = state.hyper
         cdt = hp.lr.dtype
-        L, m2 = loss_moments(loss, cdt)
-        R = next_r(state.r_est, m2, hp, self.online_r)
+        L, m2 = _loss_moments(loss, cdt)
+        R = _next_r(state.r_est, m2, hp, self.online_r)
         wd = hp.weight_decay
         p = state.p + hp.q  # predict: P <- P + Q I
 

@@ -1,29 +1,38 @@
-r"""KOALA++ as a drop-in ``torch.optim.Optimizer``.
+r"""KOALA++ as a drop-in ``torch.optim.Optimizer``, running the engine in place.
 
 Reference: Zixuan Xia, Aram Davtyan, Paolo Favaro, "KOALA++: Efficient Kalman-Based Optimization
 of Neural Networks with Gradient-Covariance Products", NeurIPS 2025, arXiv:2506.04432.
 
-:class:`KoalaPP` is a thin shell around the functional core: every :meth:`KoalaPP.step` packs
-each parameter group into a TensorDict and a :class:`~koala_func.koala_pp.KoalaPPState`, calls
-:meth:`KoalaPPTransform.step <koala_func.koala_pp.KoalaPPTransform.step>` (the same math, see
-``docs/torch-optim.md``) and copies the results back in place. It is tested step by step to be
-bit-identical to the functional step.
+With the default ``impl="engine"``, :class:`KoalaPP` packs the parameters of every dtype into
+one flat buffer (:class:`~koala_func.engine.Layout`) and makes each parameter's ``data`` a
+view of it; the gradients land in a flat gradient buffer the same way (the
+``gradient_as_bucket_view`` pattern of DDP and of Megatron's contiguous gradient buffers), so a
+step is one compiled call of :func:`koala_func.engine.run` over a few buffers, in place, with
+no packing copy. ``zero_grad`` clears that buffer with one op (and keeps it, also when asked
+for ``set_to_none``).
 
-State layout (``optimizer.state[p]``), chosen so that ``state_dict`` stays per-parameter like
-every ``torch.optim`` optimizer:
+The cases that break the views are handled, slower but never stale:
 
-- ``v``, ``h_prev``: tensors like ``p`` (dtype ``state_dtype`` or ``p.dtype``).
-- ``s``, ``count``, ``skipped``: 0-d, the scalars of the filtered block ``p`` belongs to. With
-  ``granularity="global"`` the whole group is one block and these tensors are shared by all of
-  its parameters.
-- ``r_est``, ``step``: 0-d, shared by all parameters of the group. Each group keeps its own R
-  estimate; with the same ``r``/``alpha_r`` in every group (the default) all estimates see the
-  same losses and are identical, i.e. one shared R as in the authors' released optimizer.
+- a gradient the user replaced or set to ``None`` is copied into the buffer (or treated as
+  missing) and the view is re-attached;
+- a parameter whose ``data`` was replaced (``p.data = ...``, ``model.to(...)``, ``model.half()``)
+  is detected at the next step and everything is re-packed, state included;
+- DTensor parameters (FSDP2 ``fully_shard``) keep their own storage: their local shards are
+  copied into the buffers and back each step, and one all-reduce sums the per-block partial
+  sums (and averages the loss over ranks).
+
+``impl="reference"`` runs the readable step (:mod:`koala_func.reference`) instead.
+
+State layout (``optimizer.state[p]``), per parameter like every ``torch.optim`` optimizer:
+``v``, ``h_prev`` (tensors like ``p``, dtype ``state_dtype`` or ``p.dtype``) and the 0-d
+``s``, ``count``, ``skipped``, ``r_est``, ``step`` of the block ``p`` belongs to (with
+``granularity="global"`` the whole group is one block and these tensors are shared by all of
+its parameters).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -32,14 +41,89 @@ import torch
 from tensordict import TensorDict
 
 from koala_func._validation import check_choice, check_hyperparameters
-from koala_func.koala_pp import KoalaPPHyperparams, KoalaPPState, KoalaPPTransform
+from koala_func.engine import BlockConfig, Blocks, Buffers, Hyper, Layout, run
+from koala_func.reference import reference_step
+from koala_func.state import HYPERPARAMETERS, KoalaPPHyperparams, KoalaPPState
 
 __all__ = ["KoalaPP"]
 
-_HYPER = ("lr", "sigma", "q", "r", "alpha_r", "weight_decay")
-_BLOCK_KEYS = ("s", "count", "skipped")
-_GROUP_KEYS = ("r_est", "step")
-_STATE_KEYS = ("v", "h_prev", *_BLOCK_KEYS, *_GROUP_KEYS)
+_BLOCK_KEYS = ("s", "count", "skipped", "r_est", "step")
+_STATE_KEYS = ("v", "h_prev", *_BLOCK_KEYS)
+_STRUCTURE = ("symmetric", "granularity", "r_statistic", "eps", "state_dtype", "nonfinite", "r")
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    import sys
+
+    # No DTensor exists unless torch.distributed.tensor was imported: do not import it here.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+class _Slot:
+    """Where one parameter lives in the packed buffers."""
+
+    __slots__ = ("block", "dtensor", "grad", "layout", "param", "ptr", "stride", "theta")
+
+    def __init__(self, param, layout, theta, grad, block, dtensor):
+        self.param, self.layout, self.theta, self.grad = param, layout, theta, grad
+        self.block, self.dtensor = block, dtensor
+        self.ptr = None if dtensor else theta.data_ptr()
+        self.stride = theta.stride()
+
+
+def _packed_step(
+    thetas,
+    grads,
+    vs,
+    hs,
+    owners,
+    blocks,
+    step,
+    hyper,
+    cfg,
+    mean,
+    mean_sq,
+    present,
+    skip_all,
+    decay,
+    reduce,
+    sharded,
+):
+    """The compiled unit: the engine in place over the optimizer's buffers."""
+    run(
+        owners,
+        [Buffers(*b) for b in zip(thetas, grads, vs, hs, strict=True)],
+        blocks,
+        mean,
+        mean_sq,
+        hyper,
+        cfg,
+        decay=decay,
+        present=present,
+        skip_all=skip_all,
+        reduce=reduce,
+        sharded=sharded,
+        inplace=True,
+    )
+    inc = torch.ones_like(step) if skip_all is None else (~skip_all).long().expand_as(step)
+    step.add_(inc)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step() -> Callable:
+    # One compiled function per process, shared by every KoalaPP (its inputs are tensors and
+    # structural flags only), so that a second optimizer of the same shapes compiles nothing.
+    fn = _COMPILED.get("step")
+    if fn is None:
+        fn = _COMPILED["step"] = torch.compile(_packed_step, fullgraph=True)
+    return fn
 
 
 class KoalaPP(torch.optim.Optimizer):
@@ -55,48 +139,55 @@ class KoalaPP(torch.optim.Optimizer):
         S_k = (v_k + Q H_k) H_k^\top + R,\quad
         \theta_k = \theta_{k-1} - \eta\,L_k\,\frac{v_k + Q H_k}{S_k}
 
-    (see :mod:`koala_func.koala_pp` for :math:`\lambda_k, \alpha_k, w_k` and the first step).
+    (see :mod:`koala_func.reference` for :math:`\lambda_k, \alpha_k, w_k` and the first step).
 
-    The step needs the loss, because the step length is proportional to it::
+    The step needs the loss, because the step length is proportional to it. Where it comes
+    from, in this order of precedence:
 
-        def closure():
-            opt.zero_grad()
-            losses = F.cross_entropy(model(x), y, reduction="none")
-            losses.mean().backward()  # gradients of the MEAN loss
-            return losses             # per-sample losses (or losses.mean())
+    1. ``step(loss=...)``;
+    2. the losses recorded with :meth:`observe_loss` since the last step (gradient
+       accumulation: they add up, like the gradients of normalised micro-batch losses);
+    3. the return value of the closure ``step(closure)``.
 
-        opt.step(closure)
-        # or: loss.backward(); opt.step(loss=loss)
+    A closure always runs (frameworks run hooks and clipping in it) and may be given together
+    with ``loss=``. The gradients must be those of the *mean* loss::
 
-    Per-sample losses (1-d) feed the online R estimate with their second moment
-    ``mean(losses**2)``; a 0-d mean loss uses ``loss**2``. The gradients must always be those
-    of the mean loss.
+        loss.backward(); opt.step(loss=loss)      # or per-sample losses (1-d)
+        opt.step(closure)                          # closure: zero_grad, backward, return loss
+
+    Per-sample losses (1-d) feed the online R with ``mean(l**2)`` (``r_statistic=
+    "second_moment"``) or ``mean(l**2) - mean(l)**2`` (``"variance"``); a 0-d loss gives
+    ``L**2`` (and cannot give a variance).
 
     Args:
         params: parameters or parameter groups (dicts); every key below can be set per group.
-        lr: learning rate :math:`\eta`. Stored in ``param_groups`` as a 0-d tensor so that
-            learning-rate schedulers update it in place and a compiled step does not recompile.
+        lr: learning rate :math:`\eta`.
         sigma: initial covariance variance, :math:`P_0 = \sigma I`.
         q: process noise :math:`Q`.
         r: fixed observation noise :math:`R`; ``None`` estimates it online from the loss.
         alpha_r: smoothing of the online R estimate (which starts at 1.0).
         weight_decay: L2 coefficient coupled into the filter (:math:`H = g + \mathrm{wd}\,\theta`).
+        loss_target: the observation the loss is driven to (0); a block whose residual
+            ``L_blk - loss_target`` is negative is skipped and counted in ``skipped``.
         symmetric: keep the :math:`w_k` term (``False``: the cheaper asymmetric variant).
         granularity: ``"tensor"`` (one filter per tensor, as released) or ``"global"`` (one
             filter over the whole group, the paper's equations).
+        r_statistic: ``"second_moment"`` or ``"variance"`` (see above).
         eps: a block whose raw gradient norm is below ``eps`` is left unchanged.
         state_dtype: dtype of ``v`` and ``h_prev``; ``None`` uses each parameter's dtype.
             Use ``torch.float32`` with float16/bfloat16 parameters (see ``docs/safety.md``).
-        nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged, parameters and
-            state, and counted in ``state[p]["skipped"]``) or ``"raise"``
-            (``FloatingPointError``; reads a value on the host, so eager only).
+        nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged and counted in
+            ``state[p]["skipped"]``) or ``"raise"`` (``FloatingPointError``; a host sync).
+        impl: ``"engine"`` (default: packed buffers, in place) or ``"reference"``.
+        compile: compile the engine step (``None``: when ``torch.compile`` works here; it
+            falls back to the eager engine with one warning when compiling fails).
 
     Example:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Linear(4, 3)
-        >>> opt = KoalaPP(model.parameters(), lr=0.5)
+        >>> opt = KoalaPP(model.parameters(), lr=0.5, compile=False)
         >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
         >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
         >>> for _ in range(4):
@@ -105,10 +196,14 @@ class KoalaPP(torch.optim.Optimizer):
         ...     losses.mean().backward()
         ...     _ = opt.step(loss=losses.detach())
         ...     sched.step()
-        >>> group = opt.param_groups[0]
-        >>> float(group["lr"])
-        0.125
+        >>> opt.param_groups[0]["lr"], int(opt.state[model.weight]["count"])
+        (0.125, 4)
     """
+
+    # GradScaler hands the scale and an inf flag to step() instead of unscaling and skipping:
+    # the step unscales in place, refuses an inf step without a host sync, and consumes the
+    # observed losses either way (they would otherwise be counted twice).
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -120,12 +215,17 @@ class KoalaPP(torch.optim.Optimizer):
         alpha_r: float | torch.Tensor = 0.9,
         weight_decay: float | torch.Tensor = 0.0,
         *,
+        loss_target: float | torch.Tensor = 0.0,
         symmetric: bool = True,
         granularity: str = "tensor",
+        r_statistic: str = "second_moment",
         eps: float = 1e-9,
         state_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
+        impl: str = "engine",
+        compile: bool | None = None,
     ) -> None:
+        check_choice("impl", impl, ("engine", "reference"))
         defaults = dict(
             lr=lr,
             sigma=sigma,
@@ -133,214 +233,238 @@ class KoalaPP(torch.optim.Optimizer):
             r=r,
             alpha_r=alpha_r,
             weight_decay=weight_decay,
+            loss_target=loss_target,
             symmetric=symmetric,
             granularity=granularity,
+            r_statistic=r_statistic,
             eps=eps,
             state_dtype=state_dtype,
             nonfinite=nonfinite,
         )
-        self._transforms: dict[tuple, KoalaPPTransform] = {}
+        self._impl = impl
+        self._compile = compile
+        self._observed: list[torch.Tensor] = []
+        self._packed: _Packed | None = None
+        self._ready = False
         super().__init__(params, defaults)
+        self._ready = True
+        self._rebuild()
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group (checks its hyperparameters; ``lr`` becomes a 0-d tensor)."""
+        """Add a group (checks its hyperparameters) and create its state now."""
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_group(group)
-        group["lr"] = _lr_tensor(group["lr"], group["params"])
+        _check_group(self.param_groups[-1])
+        if self._ready:
+            self._rebuild()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_transforms", {})
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-            group["lr"] = _lr_tensor(group["lr"], group["params"])
 
-    def _transform(self, group: dict[str, Any]) -> KoalaPPTransform:
-        # Only structural options select the transform: its numeric fields are used by init
-        # alone, every step reads the hyperparameters from the state.
-        key = (
-            group["r"] is None,
-            bool(group["symmetric"]),
-            group["granularity"],
-            float(group["eps"]),
-            group["state_dtype"],
-            group["nonfinite"],
-        )
-        t = self._transforms.get(key)
-        if t is None:
-            t = KoalaPPTransform(
-                r=None if key[0] else 1.0,
-                symmetric=key[1],
-                granularity=key[2],
-                eps=key[3],
-                state_dtype=key[4],
-                nonfinite=key[5],
-            )
-            self._transforms[key] = t
-        return t
+    def _rebuild(self) -> None:
+        """(Re)create every buffer and view from the current parameters and state."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p not in self.state or not self.state[p]:
+                    self.state[p] = _fresh_state(p, group)
+            if group["granularity"] == "global" and self._impl == "reference":
+                first = self.state[group["params"][0]] if group["params"] else {}
+                for p in group["params"][1:]:  # one block: its scalars are shared tensors
+                    self.state[p].update({k: first[k] for k in _BLOCK_KEYS})
+        if self._impl == "engine":
+            with torch.no_grad():
+                self._packed = _Packed(self)
 
-    # ------------------------------------------------------- functional views
-    @staticmethod
-    def _keys(group: dict[str, Any]) -> list[str]:
-        return [str(i) for i in range(len(group["params"]))]
+    # ------------------------------------------------------------------- loss
+    def observe_loss(self, loss: torch.Tensor | float) -> None:
+        """Record the loss of one micro-batch, as it was backpropagated.
 
-    def _params_td(self, group: dict[str, Any]) -> TensorDict:
-        return TensorDict(
-            {k: p.detach() for k, p in zip(self._keys(group), group["params"], strict=True)},
-            batch_size=[],
-        )
+        The mean (0-d) or the per-sample losses (1-d), already divided by the number of
+        accumulation steps as the frameworks do. Losses observed before a step add up (as the
+        gradients do), so the step sees the mean loss of the whole accumulated batch; with
+        per-sample losses the second moment for the online R accumulates consistently
+        (``n * sum(mean(l_i**2))`` for ``n`` equal micro-batches). The next :meth:`step`
+        consumes them, and :meth:`zero_grad` clears them with the gradients.
 
-    def _init_state(self, group: dict[str, Any]) -> None:
-        """Lazily create the state of a group, from the functional ``init``."""
-        transform = self._transform(group)
-        params = group["params"]
-        # validated by add_param_group; init only reads these to fill the state
-        values = {k: group[k] for k in _HYPER}
-        fresh = dataclasses.replace(transform, **values).init(self._params_td(group))
-        shared = {k: fresh.get(k) for k in _GROUP_KEYS}
-        for i, (key, p) in enumerate(zip(self._keys(group), params, strict=True)):
-            st = self.state[p]
-            st["v"] = fresh.v.get(key)
-            st["h_prev"] = fresh.h_prev.get(key)
-            for k in _BLOCK_KEYS:
-                # global: one block, the same 0-d tensors for every parameter of the group
-                st[k] = fresh.get(k)[0 if transform.granularity == "global" else i]
-            st.update(shared)
-
-    def _hyper(self, group: dict[str, Any], like: torch.Tensor) -> KoalaPPHyperparams:
-        def as_tensor(x):
-            if isinstance(x, torch.Tensor):
-                return x.to(dtype=like.dtype, device=like.device)
-            return torch.tensor(x, dtype=like.dtype, device=like.device)
-
-        values = {k: group[k] for k in _HYPER}
-        values["r"] = 1.0 if values["r"] is None else values["r"]  # unused when online
-        return KoalaPPHyperparams(**{k: as_tensor(v) for k, v in values.items()})
-
-    def functional_state(self, group_index: int = 0) -> KoalaPPState:
-        """The state of one group as a :class:`KoalaPPState` (keys ``"0"``, ``"1"``, ... in the
-        group's parameter order). The tensors are the optimizer's own (not copies).
+        Example:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = KoalaPP(model.parameters(), compile=False)
+            >>> for x in torch.randn(2, 8, 2):  # two micro-batches
+            ...     loss = model(x).square().mean() / 2
+            ...     loss.backward()
+            ...     opt.observe_loss(loss)
+            >>> _ = opt.step()  # uses the sum of the two: the mean over 16 samples
         """
-        group = self.param_groups[group_index]
-        if group["params"] and group["params"][0] not in self.state:
-            self._init_state(group)
-        return self._group_state(group)
+        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if t.dim() > 1:
+            raise ValueError(f"observe_loss expects a 0-d or 1-d loss, got shape {tuple(t.shape)}")
+        if self._observed and self._observed[0].dim() != t.dim():
+            raise ValueError("observe_loss got both 0-d and 1-d losses before one step")
+        self._observed.append(t)
 
-    def _group_state(self, group: dict[str, Any]) -> KoalaPPState:
-        params = group["params"]
-        sts = [self.state[p] for p in params]
-        first = sts[0]
-        glob = group["granularity"] == "global"
-        keys = self._keys(group)
-
-        def td(name):
-            return TensorDict({k: s[name] for k, s in zip(keys, sts, strict=True)}, batch_size=[])
-
-        def blocks(name):
-            if glob:
-                return first[name].reshape(1)
-            return torch.stack([s[name] for s in sts])
-
-        return KoalaPPState(
-            v=td("v"),
-            h_prev=td("h_prev"),
-            s=blocks("s"),
-            count=blocks("count"),
-            skipped=blocks("skipped"),
-            r_est=first["r_est"],
-            step=first["step"],
-            hyper=self._hyper(group, first["r_est"]),
-        )
+    def _resolve_loss(self, loss, returned) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """(mean, mean of squares, per_sample) of the loss this step uses, or None."""
+        observed, self._observed = self._observed, []
+        if loss is None and observed:
+            if observed[0].dim() == 0:
+                mean = torch.stack(observed).sum()
+                return mean, mean.square(), False
+            n = len(observed)
+            mean = torch.stack([o.mean() for o in observed]).sum()
+            mean_sq = n * torch.stack([o.square().mean() for o in observed]).sum()
+            return mean, mean_sq, True
+        if loss is None:
+            loss = returned
+        if loss is None:
+            return None
+        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if t.dim() > 1:
+            raise ValueError(
+                f"loss must be the minibatch mean (0-d) or the per-sample losses (1-d), "
+                f"got shape {tuple(t.shape)}"
+            )
+        if t.dim() == 1:
+            return t.mean(), t.square().mean(), True
+        return t, t.square(), False
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
     def step(  # type: ignore[override]
         self,
-        closure: Callable[[], torch.Tensor] | None = None,
+        closure: Callable[[], Any] | None = None,
         *,
         loss: torch.Tensor | float | None = None,
-    ) -> torch.Tensor | None:
+    ) -> Any:
         """One KOALA++ update of every group.
 
         Args:
-            closure: re-evaluates the model, calls ``backward`` on the *mean* loss and returns
-                the loss: the mean (0-d) or the per-sample losses (1-d).
-            loss: the loss, when the gradients are already computed (``loss.backward()``);
-                the mean (0-d) or the per-sample losses (1-d). Give ``closure`` or ``loss``.
+            closure: re-evaluates the model, calls ``backward`` on the *mean* loss and
+                (usually) returns the loss. It always runs.
+            loss: the loss, when the gradients are already computed: the mean (0-d) or the
+                per-sample losses (1-d). Wins over observed losses and the closure's value.
 
         Returns:
-            the loss (as returned by ``closure``, or ``loss``).
+            the closure's return value when a closure was given, else the loss used.
         """
+        scaled = hasattr(self, "found_inf")  # set by GradScaler.step for this call only
+        if closure is not None and scaled:
+            raise RuntimeError(
+                "KoalaPP.step got a closure under GradScaler: the closure would recompute "
+                "scaled gradients after the scaler checked them. Run forward and backward "
+                "first, then call scaler.step(optimizer, loss=loss)"
+            )
+        returned = None
         if closure is not None:
-            if loss is not None:
-                raise ValueError("KoalaPP.step takes a closure or a loss, not both")
             with torch.enable_grad():
-                loss = closure()
-        if loss is None:
+                returned = closure()
+        used = loss if loss is not None else (self._observed or returned)
+        moments = self._resolve_loss(loss, returned)
+        if moments is None:
+            if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                return returned  # e.g. DCP's initialising call: the state exists already
             raise ValueError(
-                "KoalaPP.step needs the loss: call step(closure) or step(loss=loss) "
+                "KoalaPP.step needs the loss: call step(loss=loss), step(closure) with a "
+                "closure that returns it, or observe_loss(loss) for each micro-batch "
                 "(the step length is proportional to the loss)"
             )
-        out = loss
-        loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        self._check_variance(moments[2])
+        grad_scale = getattr(self, "grad_scale", None) if scaled else None
+        found_inf = getattr(self, "found_inf", None) if scaled else None
+        if self._impl == "engine":
+            assert self._packed is not None
+            if self._packed.stale():
+                self._rebuild()
+            self._packed.step(moments, grad_scale, found_inf)
+        else:
+            self._reference_step(moments, grad_scale, found_inf)
+        if closure is not None:
+            return returned
+        return used if not isinstance(used, list) else moments[0]
 
+    def _check_variance(self, per_sample: bool) -> None:
+        if per_sample:
+            return
+        for g in self.param_groups:
+            if g["r_statistic"] == "variance" and g["r"] is None:
+                raise ValueError(
+                    "r_statistic='variance' needs the per-sample losses (a 1-d loss): the "
+                    "variance of a single mean loss is unavailable"
+                )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients (and the observed losses, which belong to them).
+
+        With the engine the gradients are views of one flat buffer: it is zeroed with one op
+        and kept, also for ``set_to_none=True`` (parameters without ``requires_grad`` keep
+        ``None``). A gradient replaced by another tensor is re-attached to the buffer.
+        """
+        self._observed = []
+        if self._packed is None:
+            super().zero_grad(set_to_none=set_to_none)
+            return
+        self._packed.zero_grad()
+
+    # ------------------------------------------------------- reference path
+    def _reference_step(self, moments, grad_scale, found_inf) -> None:
+        mean, mean_sq, per_sample = moments
+        if found_inf is not None and bool(found_inf):
+            return
         for group in self.param_groups:
             params = group["params"]
             if not params:
                 continue
-            if params[0] not in self.state:
-                self._init_state(group)
+            st0 = self.state[params[0]]
+            cdt, dev = st0["r_est"].dtype, st0["r_est"].device
+            # the reference takes a loss tensor: rebuild one with these moments
+            loss = _loss_with_moments(mean, mean_sq, per_sample, cdt, dev)
+            keys = [str(i) for i in range(len(params))]
             grads = {}
-            for key, p in zip(self._keys(group), params, strict=True):
+            for key, p in zip(keys, params, strict=True):
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise RuntimeError("KoalaPP does not support sparse gradients")
-                    grads[key] = p.grad
-            state = self._group_state(group)
-            new_params, new_state = self._transform(group).step(
-                self._params_td(group),
-                TensorDict(grads, batch_size=[]),
-                loss_t.to(params[0].device),
+                    g = p.grad if grad_scale is None else p.grad * (1 / grad_scale)
+                    grads[key] = g
+            opt = _transform(group)
+            state = _group_state(self, group, keys)
+            new_params, new_state = reference_step(
+                opt,
+                keys,
+                TensorDict({k: p.detach() for k, p in zip(keys, params, strict=True)}),
+                TensorDict(grads),
+                loss,
                 state,
             )
-            self._write_back(group, new_params, new_state)
-        return out
-
-    def _write_back(
-        self, group: dict[str, Any], new_params: TensorDict, new_state: KoalaPPState
-    ) -> None:
-        params = group["params"]
-        keys = self._keys(group)
-        sts = [self.state[p] for p in params]
-        dst = list(params)
-        src = [new_params.get(k) for k in keys]
-        for name in ("v", "h_prev"):
-            dst += [s[name] for s in sts]
-            src += [getattr(new_state, name).get(k) for k in keys]
-        if group["granularity"] == "global":
-            first = sts[0]
-            for name in _BLOCK_KEYS:
-                dst.append(first[name])
-                src.append(getattr(new_state, name)[0])
-        else:
-            for name in _BLOCK_KEYS:
-                dst += [s[name] for s in sts]
-                src += list(getattr(new_state, name).unbind())
-        dst += [sts[0][k] for k in _GROUP_KEYS]
-        src += [new_state.r_est, new_state.step]
-        torch._foreach_copy_(dst, src)
+            _check_nonfinite(group, new_state.skipped, state.skipped)
+            dst, src = [], []
+            for k, p in zip(keys, params, strict=True):
+                st = self.state[p]
+                dst += [p, st["v"], st["h_prev"]]
+                src += [new_params.get(k), new_state.v.get(k), new_state.h_prev.get(k)]
+            glob = group["granularity"] == "global"
+            for i, p in enumerate(params):
+                if glob and i > 0:
+                    break
+                b = 0 if glob else i
+                for name in ("s", "count", "skipped"):
+                    dst.append(self.state[p][name])
+                    src.append(getattr(new_state, name)[b])
+                dst += [self.state[p]["r_est"], self.state[p]["step"]]
+                src += [new_state.r_est, new_state.step]
+            torch._foreach_copy_(dst, src)
 
     # ------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict`: an exact (bit-identical) continuation.
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to the
-        parameter's dtype, which would round a float32 state of a bfloat16 parameter and turn
-        the int64 counters into floats; this override keeps the saved dtypes and only moves the
-        tensors to the parameter's device, and re-links the tensors shared by a group.
+        ``torch.optim.Optimizer.load_state_dict`` would cast every state tensor to the
+        parameter's dtype (rounding a float32 state of a bfloat16 parameter, turning the int64
+        counters into floats); here the values are copied into this optimizer's own state
+        tensors (the engine's buffers), keeping their dtypes.
         """
         saved_state = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
@@ -351,43 +475,444 @@ class KoalaPP(torch.optim.Optimizer):
                 strict=True,
             )
         )
-        for group, saved_group in zip(self.param_groups, state_dict["param_groups"], strict=True):
-            ids = saved_group["params"]
-            if not ids or ids[0] not in saved_state:
-                continue  # this group had not stepped yet: it initializes lazily
-            missing = [i for i in ids if i not in saved_state]
-            if missing:
-                raise ValueError(f"loaded state dict lacks the state of parameters {missing}")
-            device = group["params"][0].device
-            moved: dict[int, torch.Tensor] = {}  # keep tensors shared in the checkpoint shared
+        self._rebuild()  # groups may have changed structure (granularity, state_dtype)
+        dst, src = [], []
+        for i, saved in saved_state.items():
+            p = id_map[i]
+            absent = [k for k in _STATE_KEYS if k not in saved]
+            if absent:
+                raise KeyError(f"loaded state of parameter {i} lacks {absent}")
+            st = self.state[p]
+            if tuple(saved["v"].shape) != tuple(p.shape):
+                raise ValueError(
+                    f"loaded state of shape {tuple(saved['v'].shape)} does not match "
+                    f"parameter shape {tuple(p.shape)}"
+                )
+            for k in _STATE_KEYS:
+                dst.append(_local(st[k]))
+                src.append(_local_like(saved[k], st[k]))
+        if dst:
+            torch._foreach_copy_(dst, src)
 
-            def load(t, device=device, moved=moved):
-                if id(t) not in moved:
-                    moved[id(t)] = t.to(device=device, copy=True)
-                return moved[id(t)]
 
-            first = saved_state[ids[0]]
-            shared = {k: load(first[k]) for k in _GROUP_KEYS}
-            glob = group["granularity"] == "global"
-            for i in ids:
-                saved = saved_state[i]
-                absent = [k for k in _STATE_KEYS if k not in saved]
-                if absent:
-                    raise KeyError(f"loaded state of parameter {i} lacks {absent}")
-                p = id_map[i]
-                st = {
-                    "v": saved["v"].to(device=p.device, copy=True),
-                    "h_prev": saved["h_prev"].to(device=p.device, copy=True),
-                }
-                for k in _BLOCK_KEYS:
-                    st[k] = load(first[k] if glob else saved[k])
-                st.update(shared)
-                if st["v"].shape != p.shape:
-                    raise ValueError(
-                        f"loaded state of shape {tuple(st['v'].shape)} does not match "
-                        f"parameter shape {tuple(p.shape)}"
-                    )
-                self.state[p] = st
+class _Packed:
+    """The engine's buffers for one :class:`KoalaPP`: layouts, flat tensors, per-block state."""
+
+    def __init__(self, opt: KoalaPP) -> None:
+        self.opt = opt
+        groups = opt.param_groups
+        params = [(gi, p) for gi, g in enumerate(groups) for p in g["params"]]
+        devices = {_local(p).device for _, p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                "KoalaPP's engine needs every parameter on one device, got "
+                f"{sorted(map(str, devices))}; use KoalaPP(..., impl='reference') or one "
+                "optimizer per device"
+            )
+        self.device = devices.pop() if devices else torch.device("cpu")
+        cdt = torch.float32
+        for _, p in params:
+            cdt = torch.promote_types(cdt, p.dtype)
+        self.cdt = cdt
+        # blocks: one per tensor, or one per group (global)
+        block_of, block_group = [], []
+        for gi, g in enumerate(groups):
+            if g["granularity"] == "global" and g["params"]:
+                block_group.append(gi)
+            for _ in g["params"]:
+                if g["granularity"] == "tensor":
+                    block_group.append(gi)
+                block_of.append(len(block_group) - 1)
+        T = len(block_group)
+        self.n_blocks = T
+        dev = self.device
+        self.block_group = torch.tensor(block_group, dtype=torch.long, device=dev)
+        # one layout per (param dtype, state dtype); DTensors in layouts of their own, the
+        # sharded ones (partial sums, all-reduced) apart from the replicated ones
+        buckets: dict[tuple, list[int]] = {}
+        for i, (gi, p) in enumerate(params):
+            sd = groups[gi]["state_dtype"] or p.dtype
+            dt = _is_dtensor(p)
+            buckets.setdefault((p.dtype, sd, dt, dt and _sharded(p)), []).append(i)
+        self.layouts, self.flats, self.sharded, self.slots = [], [], [], []
+        self.frozen = []
+        for (dtype, sd, dt, sh), idx in buckets.items():
+            locs = [_local(params[i][1]) for i in idx]
+            strides = [
+                t.stride() if (not t.is_contiguous() and t.is_non_overlapping_and_dense()) else None
+                for t in locs
+            ]
+            layout = Layout(
+                [t.shape for t in locs], dtype, dev, [block_of[i] for i in idx], strides=strides
+            )
+            theta, grad = layout.zeros(), layout.zeros()
+            v, h = layout.zeros(dtype=sd), layout.zeros(dtype=sd)
+            self.layouts.append(layout)
+            self.flats.append((theta, grad, v, h))
+            self.sharded.append(sh)
+            tv, gv, vv, hv = (layout.views(t) for t in (theta, grad, v, h))
+            for j, i in enumerate(idx):
+                gi, p = params[i]
+                st = opt.state[p]
+                tv[j].copy_(locs[j])
+                vv[j].copy_(_local(st["v"]))
+                hv[j].copy_(_local(st["h_prev"]))
+                g = p.grad
+                if g is not None:
+                    gv[j].copy_(_local(g))
+                if not dt:
+                    p.data = tv[j]
+                    if g is not None:
+                        p.grad = gv[j]  # else None until zero_grad attaches the view
+                st["v"], st["h_prev"] = _wrap_like(vv[j], p), _wrap_like(hv[j], p)
+                self.slots.append(_Slot(p, len(self.layouts) - 1, tv[j], gv[j], block_of[i], dt))
+        # per-block state, carried over from the parameters' state
+        self.blocks = Blocks(
+            torch.zeros(T, dtype=cdt, device=dev),
+            torch.zeros(T, dtype=torch.long, device=dev),
+            torch.zeros(T, dtype=torch.long, device=dev),
+            torch.zeros(T, dtype=cdt, device=dev),
+        )
+        self.steps = torch.zeros(T, dtype=torch.long, device=dev)
+        arrays = dict(zip(_BLOCK_KEYS, (*self.blocks, self.steps), strict=True))
+        for s in self.slots:
+            st = opt.state[s.param]
+            for k, arr in arrays.items():
+                arr[s.block].copy_(st[k])
+            for k, arr in arrays.items():
+                st[k] = arr[s.block]  # a 0-d view: state_dict shows the live value
+        self.hyper = torch.zeros(len(groups), len(HYPERPARAMETERS), dtype=cdt, device=dev)
+        self.structure = self._structure()
+        self.cfg = self._config()
+        self.reduce = _all_reduce_fn(params) if any(self.sharded) else None
+        self.compiled: Callable | None = None
+
+    # -- structure ----------------------------------------------------------------------
+    def _structure(self) -> list[tuple]:
+        return [
+            tuple(g[k] if k != "r" else g[k] is None for k in _STRUCTURE)
+            for g in self.opt.param_groups
+        ]
+
+    def _config(self) -> BlockConfig:
+        groups = self.opt.param_groups
+
+        def per_block(fn, dtype=torch.bool):
+            vals = torch.tensor([fn(g) for g in groups], dtype=dtype, device=self.device)
+            return vals[self.block_group]
+
+        return BlockConfig(
+            symmetric=per_block(lambda g: bool(g["symmetric"])),
+            online=per_block(lambda g: g["r"] is None),
+            variance=per_block(lambda g: g["r_statistic"] == "variance"),
+            eps=per_block(lambda g: float(g["eps"]), self.cdt),
+        )
+
+    def stale(self) -> bool:
+        """Whether a parameter's data, a group's structure or the groups were changed."""
+        if self._structure() != self.structure:
+            return True
+        n = sum(len(g["params"]) for g in self.opt.param_groups)
+        if n != len(self.slots):
+            return True
+        for s in self.slots:
+            p = s.param
+            if s.dtensor:
+                continue
+            if p.data_ptr() != s.ptr or p.dtype != s.theta.dtype or p.stride() != s.stride:
+                return True
+        return False
+
+    # -- step -----------------------------------------------------------------------------
+    def step(self, moments, grad_scale, found_inf) -> None:
+        mean, mean_sq, _ = moments
+        present = self._gather_grads()
+        thetas = [f[0] for f in self.flats]
+        grads = [f[1] for f in self.flats]
+        if grad_scale is not None:
+            torch._foreach_mul_(grads, (1.0 / grad_scale.double()).to(self.cdt).to(self.device))
+        self._fill_hyper()
+        hyper = Hyper(*self.hyper[self.block_group].unbind(-1))
+        skip_all = None if found_inf is None else (found_inf.to(self.device) != 0)
+        decay = any(float(g["weight_decay"]) != 0 for g in self.opt.param_groups)
+        raise_groups = [g for g in self.opt.param_groups if g["nonfinite"] == "raise"]
+        before = self.blocks.skipped.clone() if raise_groups else None
+        args = (
+            thetas,
+            grads,
+            [f[2] for f in self.flats],
+            [f[3] for f in self.flats],
+            [layout.owner for layout in self.layouts],
+            self.blocks,
+            self.steps,
+            hyper,
+            self.cfg,
+            mean.to(self.device, self.cdt),
+            mean_sq.to(self.device, self.cdt),
+            present,
+            skip_all,
+            decay,
+            None if self.reduce is None else self.reduce[moments[2]],
+            self.sharded,
+        )
+        self._run(args)
+        self._scatter_params()
+        if before is not None and bool(torch.any(self.blocks.skipped != before)):
+            raise FloatingPointError(
+                "KOALA++ step met a NaN or inf (loss, gradient or denominator) or a negative "
+                "residual; use nonfinite='skip' to skip such blocks instead"
+            )
+
+    def _run(self, args) -> None:
+        if self.compiled is None:
+            want = self.opt._compile
+            if want is None:
+                want = _compile_available(self.device)
+            self.compiled = _compiled_step() if want else _packed_step
+        if self.compiled is _packed_step:
+            _packed_step(*args)
+            return
+        try:
+            self.compiled(*args)
+        except Exception as err:  # a compiler that does not work on this machine
+            if self.opt._compile:
+                raise
+            warnings.warn(
+                f"KoalaPP: torch.compile failed here ({type(err).__name__}: {err}); running "
+                "the eager engine instead (same results, slower). Pass compile=False to "
+                "silence this.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            self.compiled = _packed_step
+            _packed_step(*args)
+
+    def _gather_grads(self) -> torch.Tensor | None:
+        """Make the flat gradient buffer hold every gradient; returns the present mask."""
+        self._scatter_params(into_buffers=True)
+        missing = []
+        for s in self.slots:
+            g = s.param.grad
+            if g is s.grad:
+                continue
+            if g is None:
+                s.grad.zero_()
+                missing.append(s.block)
+                continue
+            if g.is_sparse:
+                raise RuntimeError("KoalaPP does not support sparse gradients")
+            if s.dtensor and (not _is_dtensor(g) or g.placements != s.param.placements):
+                raise ValueError(
+                    f"KoalaPP: a DTensor parameter with placements {s.param.placements} got a "
+                    f"gradient with placements {getattr(g, 'placements', None)}"
+                )
+            # a replaced gradient: copy it in (slower), then re-attach the view
+            s.grad.copy_(_local(g))
+            if not s.dtensor:
+                s.param.grad = s.grad
+        if not missing:
+            return None
+        have = torch.zeros(self.n_blocks, dtype=torch.bool)
+        for s in self.slots:
+            if s.param.grad is not None:
+                have[s.block] = True
+        return have.to(self.device)
+
+    def _scatter_params(self, into_buffers: bool = False) -> None:
+        # DTensor parameters keep their own storage (FSDP2 all-gathers from it): their local
+        # shards are copied into theta before a step (a checkpoint load or the user may have
+        # written them since) and back after it.
+        pairs = [(_local(s.param), s.theta) for s in self.slots if s.dtensor]
+        if pairs:
+            local, theta = [a for a, _ in pairs], [b for _, b in pairs]
+            if into_buffers:
+                torch._foreach_copy_(theta, local)
+            else:
+                torch._foreach_copy_(local, theta)
+
+    def _fill_hyper(self) -> None:
+        for gi, g in enumerate(self.opt.param_groups):
+            row = self.hyper[gi]
+            for j, k in enumerate(HYPERPARAMETERS):
+                val = g[k]
+                if k == "r" and val is None:
+                    val = 1.0
+                if isinstance(val, torch.Tensor):
+                    row[j].copy_(val.detach())
+                else:
+                    row[j] = val
+
+    def zero_grad(self) -> None:
+        for f in self.flats:
+            f[1].zero_()
+        for s in self.slots:
+            if s.dtensor:
+                s.param.grad = None
+            elif s.param.requires_grad and s.param.grad is not s.grad:
+                s.param.grad = s.grad
+            elif not s.param.requires_grad:
+                s.param.grad = None
+
+
+def _sharded(p: torch.Tensor) -> bool:
+    from torch.distributed.tensor import Partial, Shard
+
+    if any(isinstance(pl, Partial) for pl in p.placements):
+        raise ValueError(
+            f"KoalaPP needs Shard or Replicate placements, got {p.placements}; redistribute "
+            "Partial tensors first"
+        )
+    return any(isinstance(pl, Shard) for pl in p.placements)
+
+
+def _wrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if not _is_dtensor(like):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=like.shape,
+        stride=like.stride(),
+    )
+
+
+def _local_like(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a loaded state tensor, laid out as ``like`` (a DTensor or not)."""
+    if not _is_dtensor(like):
+        return (saved.full_tensor() if _is_dtensor(saved) else saved).to(like.device)
+    if _is_dtensor(saved):
+        if saved.device_mesh != like.device_mesh or saved.placements != like.placements:
+            saved = saved.redistribute(like.device_mesh, like.placements)
+        return saved.to_local()
+    from torch.distributed.tensor import distribute_tensor
+
+    # a full tensor (e.g. a single-process checkpoint): each rank keeps its shard, no collective
+    return distribute_tensor(
+        saved.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+    ).to_local()
+
+
+def _all_reduce_fn(params) -> dict[bool, Callable]:
+    """The reduce hooks for sharded layouts (one all-reduce over the parameters' mesh), for a
+    0-d loss (``False``) and for per-sample losses (``True``)."""
+    meshes = {p.device_mesh for _, p in params if _is_dtensor(p) and _sharded(p)}
+    if len(meshes) != 1:
+        raise ValueError("KoalaPP: sharded parameters must live on one device mesh")
+    (mesh,) = meshes
+    if mesh.ndim != 1:
+        raise ValueError(f"KoalaPP supports parameters sharded on a 1-D mesh, got {mesh.ndim}-D")
+    group = mesh.get_group()
+
+    return {per_sample: _all_reduce_hook(group, per_sample) for per_sample in (False, True)}
+
+
+def _all_reduce_hook(group, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The engine's ``reduce`` hook: one functional all-reduce (sum) of ``[sums..., L, m2, 1]``
+    over ``group``, so that the engine averages the loss moments over the ranks.
+
+    For a 0-d loss the single process on the global batch feeds R with ``L**2`` of the global
+    mean loss, not the mean over ranks of ``L_r**2``: the reduced ``m2`` entry is replaced by
+    the one that the engine's division turns into ``mean(L_r)**2``.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    def reduce(vec: torch.Tensor) -> torch.Tensor:
+        out = funcol.wait_tensor(funcol.all_reduce(vec, "sum", group))
+        if per_sample:
+            return out
+        return torch.cat([out[:-2], (out[-3] * out[-3] / out[-1]).unsqueeze(0), out[-1:]])
+
+    return reduce
+
+
+def _compile_available(device: torch.device) -> bool:
+    try:
+        return bool(torch._dynamo.is_dynamo_supported()) and device.type in ("cpu", "cuda", "xpu")
+    except Exception:
+        return False
+
+
+def _fresh_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    cdt = torch.promote_types(torch.float32, p.dtype)
+    dev = _local(p).device
+    sd = group["state_dtype"] or p.dtype
+    r = 1.0 if group["r"] is None else group["r"]
+    r = r.detach() if isinstance(r, torch.Tensor) else r
+    return {
+        "v": torch.zeros_like(p, dtype=sd).detach(),
+        "h_prev": torch.zeros_like(p, dtype=sd).detach(),
+        "s": torch.zeros((), dtype=cdt, device=dev),
+        "count": torch.zeros((), dtype=torch.long, device=dev),
+        "skipped": torch.zeros((), dtype=torch.long, device=dev),
+        "r_est": torch.as_tensor(r, dtype=cdt).to(dev).reshape(()).clone(),
+        "step": torch.zeros((), dtype=torch.long, device=dev),
+    }
+
+
+def _transform(group: dict[str, Any]):
+    from koala_func.functional import KoalaPPTransform
+
+    return KoalaPPTransform(
+        r=group["r"],
+        symmetric=bool(group["symmetric"]),
+        granularity=group["granularity"],
+        r_statistic=group["r_statistic"],
+        eps=float(group["eps"]),
+        state_dtype=group["state_dtype"],
+        nonfinite=group["nonfinite"],
+    )
+
+
+def _group_state(opt: KoalaPP, group: dict[str, Any], keys: list[str]) -> KoalaPPState:
+    params = group["params"]
+    sts = [opt.state[p] for p in params]
+    first = sts[0]
+    glob = group["granularity"] == "global"
+    like = first["r_est"]
+
+    def td(name):
+        return TensorDict({k: s[name] for k, s in zip(keys, sts, strict=True)})
+
+    def blocks(name):
+        return first[name].reshape(1) if glob else torch.stack([s[name] for s in sts])
+
+    def as_t(x):
+        x = 1.0 if x is None else x
+        if isinstance(x, torch.Tensor):
+            return x.detach().to(like)
+        return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+    return KoalaPPState(
+        v=td("v"),
+        h_prev=td("h_prev"),
+        s=blocks("s"),
+        count=blocks("count"),
+        skipped=blocks("skipped"),
+        r_est=first["r_est"],
+        step=first["step"],
+        hyper=KoalaPPHyperparams(**{k: as_t(group[k]) for k in HYPERPARAMETERS}),
+    )
+
+
+def _loss_with_moments(mean, mean_sq, per_sample, dtype, device) -> torch.Tensor:
+    """A loss tensor the reference step reads as these moments (two samples for 1-d)."""
+    mean, mean_sq = mean.to(device, dtype), mean_sq.to(device, dtype)
+    if not per_sample:
+        return mean
+    sd = (mean_sq - mean * mean).clamp_min(0).sqrt()
+    return torch.stack([mean - sd, mean + sd])
+
+
+def _check_nonfinite(group, skipped, before) -> None:
+    if group["nonfinite"] == "raise" and bool(torch.any(skipped != before)):
+        raise FloatingPointError(
+            "KOALA++ step met a NaN or inf (loss, gradient or denominator) or a negative "
+            "residual; use nonfinite='skip' to skip such blocks instead"
+        )
 
 
 def _check_group(group: dict[str, Any]) -> None:
@@ -398,27 +923,14 @@ def _check_group(group: dict[str, Any]) -> None:
         r=group["r"],
         alpha_r=group["alpha_r"],
         weight_decay=group["weight_decay"],
+        loss_target=group["loss_target"],
         eps=group["eps"],
     )
     check_choice("granularity", group["granularity"], ("tensor", "global"))
     check_choice("nonfinite", group["nonfinite"], ("skip", "raise"))
+    check_choice("r_statistic", group["r_statistic"], ("second_moment", "variance"))
     for p in group["params"]:
         if p.is_complex():
             raise TypeError(f"KoalaPP does not support complex parameters, got {p.dtype}")
         if not p.is_floating_point():
             raise TypeError(f"KoalaPP can only optimize floating-point tensors, got {p.dtype}")
-
-
-def _lr_tensor(lr: float | torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """``lr`` as a 0-d tensor of the group's scalar dtype (schedulers then ``fill_`` it)."""
-    dtype = torch.float32
-    for p in params:
-        dtype = torch.promote_types(dtype, p.dtype)
-    device = params[0].device if params else None
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        if lr.dtype == dtype and lr.dim() == 0 and (device is None or lr.device == device):
-            return lr
-        return lr.detach().reshape(()).to(dtype=dtype, device=device)
-    return torch.tensor(lr, dtype=dtype, device=device)

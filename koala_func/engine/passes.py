@@ -1,0 +1,183 @@
+r"""The two passes of a KOALA++ step over packed buffers, and the driver every fast door calls.
+
+1. Reduction: one read of :math:`g, \theta, H_{k-1}, v_{k-1}` per layout gives per-chunk partial
+   sums ``[..., n_chunks, 7]`` (:data:`~koala_func.engine.math.DOTS`, with
+   :math:`H = g + \mathrm{wd}\,\theta`), ``index_add``-ed into per-block sums ``[..., T, 7]``.
+2. An optional ``reduce`` hook sums the partial block sums of sharded layouts over ranks (one
+   all-reduce, which also averages the loss moments); identity otherwise.
+3. The scalar math :func:`~koala_func.engine.math.block_update`.
+4. Elementwise: per-chunk coefficients gathered by ``owner``, then
+   :math:`v_k = a v_{k-1} + c H_k + b H_{k-1}`,
+   :math:`\theta_k = \theta_{k-1} - \mathrm{scale}\,v_k - \mathrm{scale}\,Q\,H_k`,
+   :math:`H_{k-1} \leftarrow H_k`, where the block is ``ok``; written into the buffers
+   (``inplace=True``) or returned as new tensors.
+
+Every buffer may carry leading member dimensions (``[E, n_chunks, C]``, ensembles). Elementwise
+math runs in the scalar dtype (float32 at least) and is stored back in each buffer's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+
+from koala_func.engine.math import DOTS, BlockConfig, BlockUpdate, Hyper, block_update
+
+__all__ = ["Blocks", "Buffers", "run"]
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Buffers(NamedTuple):
+    """One layout's packed tensors, each ``[..., n_chunks, C]``."""
+
+    theta: torch.Tensor
+    g: torch.Tensor
+    v: torch.Tensor
+    h: torch.Tensor
+
+
+class Blocks(NamedTuple):
+    """The per-block state, each ``[..., T]`` (``r_est`` broadcastable to it)."""
+
+    s: torch.Tensor
+    count: torch.Tensor
+    skipped: torch.Tensor
+    r_est: torch.Tensor
+
+
+def _per_chunk(x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``[..., T]`` (or ``[..., 1]``: uniform) values as ``[..., n_chunks, 1]`` by owner."""
+    if x.shape[-1] != 1:
+        x = x.index_select(-1, owner)
+    return x.unsqueeze(-1)
+
+
+def _block_sums(parts: torch.Tensor, owner: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    if n_blocks == 1:
+        return parts.sum(-2, keepdim=True)
+    out = parts.new_zeros(*parts.shape[:-2], n_blocks, parts.shape[-1])
+    return out.index_add(-2, owner, parts)
+
+
+def run(
+    owners: Sequence[torch.Tensor],
+    bufs: Sequence[Buffers],
+    blocks: Blocks,
+    mean: torch.Tensor,
+    mean_sq: torch.Tensor,
+    hp: Hyper,
+    cfg: BlockConfig,
+    *,
+    decay: bool = True,
+    present: torch.Tensor | None = None,
+    skip_all: torch.Tensor | None = None,
+    reduce: Reduce | None = None,
+    sharded: Sequence[bool] | None = None,
+    inplace: bool = False,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
+    """One KOALA++ step over packed buffers.
+
+    Args:
+        owners, bufs: per layout, the block of each chunk (``Layout.owner``: global block
+            indices in ``0..T-1``) and its :class:`Buffers`.
+        blocks: the stored per-block state.
+        mean, mean_sq: the loss moments (``[...]``, the leading dims of the buffers).
+        hp: hyperparameters broadcastable to ``[..., T]`` (per block, or ``[..., 1]``).
+        cfg: structural options (bools, or per-block bool tensors).
+        decay: apply ``hp.weight_decay`` (``False`` saves a read of theta in pass 1).
+        present: bool ``[T]``, blocks that received a gradient.
+        skip_all: bool 0-d, refuse the whole step (found inf under a GradScaler).
+        reduce: sums a flat ``[T_sharded*7 + 3]`` vector over ranks (the partial block sums of
+            the layouts flagged in ``sharded``, then ``[mean, mean_sq, 1]``).
+        inplace: write theta, v, h into the buffers and the block state into ``blocks``.
+
+    Returns:
+        per layout ``(theta, v, h)`` (the buffers themselves when ``inplace``), and the
+        :class:`~koala_func.engine.math.BlockUpdate` (``r`` is the R used).
+    """
+    cdt = blocks.s.dtype
+    n_blocks = blocks.s.shape[-1]
+    sharded = list(sharded) if sharded is not None else [False] * len(bufs)
+    wd = hp.weight_decay.to(cdt)
+
+    # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart).
+    dots = {True: None, False: None}
+    prepared = []
+    for owner, buf, shard in zip(owners, bufs, sharded, strict=True):
+        theta, g, v, h = (t.to(cdt) for t in buf)
+        wd_c = _per_chunk(wd, owner) if decay else None
+        H = g + wd_c * theta if decay else g
+        tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
+        parts = torch.stack(
+            [
+                (g * g).sum(-1),
+                (H * H).sum(-1),
+                (H * h).sum(-1),
+                (H * v).sum(-1),
+                (h * h).sum(-1),
+                (h * v).sum(-1),
+                tt,
+            ],
+            dim=-1,
+        )
+        d = _block_sums(parts, owner, n_blocks)
+        dots[shard] = d if dots[shard] is None else dots[shard] + d
+        prepared.append((theta, g, v, h, H))
+
+    if reduce is not None:
+        one = torch.ones_like(mean)
+        part = dots[True]
+        flat = [] if part is None else [part.reshape(-1)]
+        vec = reduce(torch.cat([*flat, torch.stack([mean.to(cdt), mean_sq.to(cdt), one])]))
+        if part is not None:
+            dots[True] = vec[:-3].view_as(part)
+        mean, mean_sq = vec[-3] / vec[-1], vec[-2] / vec[-1]
+    total = [d for d in dots.values() if d is not None]
+    sums = total[0] if len(total) == 1 else total[0] + total[1]
+    assert sums.shape[-1] == len(DOTS)
+
+    u = block_update(
+        sums,
+        blocks.s,
+        blocks.count,
+        blocks.skipped,
+        blocks.r_est,
+        mean.to(cdt).unsqueeze(-1),
+        mean_sq.to(cdt).unsqueeze(-1),
+        hp,
+        cfg,
+        present,
+        skip_all,
+    )
+
+    # Pass 2: per-chunk coefficients, one elementwise pass per layout.
+    q = hp.q.to(cdt)
+    coef = torch.stack(
+        torch.broadcast_tensors(u.a, u.c, u.b, u.scale, u.scale * q, u.ok.to(cdt)), dim=-1
+    )
+    out = []
+    for owner, buf, (theta, _g, v, h, H) in zip(owners, bufs, prepared, strict=True):
+        cf = coef if n_blocks == 1 else coef.index_select(-2, owner)
+        a, c, b, scale, d, okf = cf.unsqueeze(-1).unbind(-2)
+        ok = okf != 0
+        v_new = a * v + c * H + b * h
+        theta_new = theta - scale * v_new - d * H
+        new = (
+            torch.where(ok, theta_new, theta).to(buf.theta.dtype),
+            torch.where(ok, v_new, v).to(buf.v.dtype),
+            torch.where(ok, H, h).to(buf.h.dtype),
+        )
+        if inplace:
+            for dst, src in zip((buf.theta, buf.v, buf.h), new, strict=True):
+                dst.copy_(src)
+            new = (buf.theta, buf.v, buf.h)
+        out.append(new)
+    if inplace:
+        for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
+            # Through a 1-d view: inductor (torch 2.13, CPU) drops a copy_ into a 0-d float64
+            # graph input.
+            dst.view(-1).copy_(src.expand_as(dst).reshape(-1))
+    return out, u
