@@ -11,7 +11,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (argparse exits with 2 on bad options).
 
-    Example:
+    Examples:
         >>> from koala_func.__main__ import main
         >>> main(["train", "--help"])  # doctest: +SKIP
     """

@@ -115,7 +115,7 @@ class AdamTransform:
     ) -> tuple[TensorDictBase, AdamState]:
         """One Adam step; leaves without a gradient are left unchanged (``loss`` is unused).
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> opt = adam(lr=0.1)
@@ -158,7 +158,7 @@ def adam(
 ) -> AdamTransform:
     """Functional Adam, equal to ``torch.optim.Adam`` (L2 weight decay added to the gradient).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> opt = adam(lr=1e-3)
@@ -183,7 +183,7 @@ def adamw(
     r"""Functional AdamW, equal to ``torch.optim.AdamW``: decoupled decay
     :math:`\theta \leftarrow (1-\eta\,\mathrm{wd})\theta` before the Adam update.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> opt = adamw(lr=0.1, weight_decay=0.5)
@@ -248,7 +248,7 @@ class SGDTransform:
 
         The buffer starts at zero, so the first step is :math:`b = g` as in ``torch.optim.SGD``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> opt = sgd(lr=0.5, momentum=0.9)
@@ -281,7 +281,7 @@ def sgd(
 ) -> SGDTransform:
     """Functional SGD with momentum, equal to ``torch.optim.SGD`` (dampening 0, no Nesterov).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> sgd(lr=0.1).init(TensorDict(w=torch.zeros(2))).hyper.momentum

@@ -33,7 +33,7 @@ def state_to_dict(state: KoalaPPState, params: TensorDictBase | None = None) -> 
     The batch size is kept, so an ensemble state (leading ``[E]`` dimension, e.g.
     ``torch.stack([s1, s2, s3])``) comes back as an ensemble.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> from koala_func import koala_pp
@@ -60,7 +60,7 @@ def state_from_dict(
 ) -> KoalaPPState | tuple[KoalaPPState, TensorDict]:
     """Inverse of :func:`state_to_dict`: the state, or ``(state, params)`` if params were saved.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> from koala_func import koala_pp
@@ -85,7 +85,7 @@ def save_state(state: KoalaPPState, f: PathLike, params: TensorDictBase | None =
     """``torch.save`` a state (and optionally the parameters) so that
     ``torch.load(f, weights_only=True)`` accepts it; read it back with :func:`load_state`.
 
-    Example:
+    Examples:
         >>> import io
         >>> import torch
         >>> from tensordict import TensorDict
@@ -113,7 +113,7 @@ def load_state(
     Returns:
         the state, or ``(state, params)`` when the parameters were saved too.
 
-    Example:
+    Examples:
         >>> import io
         >>> import torch
         >>> from tensordict import TensorDict

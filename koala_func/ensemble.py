@@ -6,12 +6,16 @@ one :class:`~koala_func.KoalaPPState` with ``batch_size=[E]``: each member has i
 :math:`v`, :math:`H_{k-1}`, :math:`S_{k-1}`, R estimate, counts and step, and its own
 hyperparameters (shape ``[E]``; equal entries for a shared value). Because the KOALA++ step
 (Xia, Davtyan, Favaro, NeurIPS 2025, arXiv:2506.04432) is a pure, branch-free function of
-``(params, grads, loss, state)``, ``torch.vmap`` turns it into the ensemble step: member ``e``
-of the result is exactly ``step(params[e], grads[e], loss[e], state[e])``.
+``(params, grads, loss, state)``, member ``e`` of the ensemble step is exactly
+``step(params[e], grads[e], loss[e], state[e])``.
 
-The order of the two transforms matters: ``torch.compile(torch.vmap(step))`` compiles one graph
-for all members, while ``torch.vmap(torch.compile(step))`` silently runs eager (torch 2.13).
-:func:`ensemble_step` and :func:`ensemble_train_step` compose them in the right order.
+Compiled (the default), :func:`ensemble_step` and :func:`ensemble_train_step` run the engine
+(:mod:`koala_func.engine`) with the member dimension as a leading dimension of its packed
+buffers: no vmap of the step, one graph whose size does not grow with the number of tensors per
+member (only the forward and backward of :func:`ensemble_train_step` are vmapped). Eager
+(``compile=False``), differentiable optimizers and custom step functions use
+``torch.vmap(step)`` of the reference; ``torch.compile(torch.vmap(step))`` is then the order
+that compiles (``torch.vmap(torch.compile(step))`` silently runs eager, torch 2.13).
 
 A sweep is an ensemble whose members differ only in their hyperparameters: 16 learning rates are
 ``ensemble_init(opt, params, lr=torch.logspace(-3, 0, 16))`` and one call per step.
@@ -52,7 +56,7 @@ def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
     (different seeds) so that the members really differ. Buffers are not included, as in
     :func:`koala_func.params_of`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> params = stack_params([torch.nn.Linear(3, 2) for _ in range(5)])
         >>> tuple(params.batch_size), tuple(params["weight"].shape)
@@ -69,7 +73,7 @@ def ensemble_size(params: TensorDictBase) -> int:
     Raises ``ValueError`` when ``params`` has no batch dimension: an ensemble's leaves are
     ``[E, *shape]`` and its TensorDict says so with ``batch_size=[E]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> ensemble_size(TensorDict(w=torch.zeros(4, 3), batch_size=[4]))
@@ -114,7 +118,7 @@ def ensemble_init(
             ``[E]``); they override the builder's values. Tensors that require grad keep their
             graph, so hypergradients flow to them through a differentiable step.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> from koala_func import koala_pp
@@ -199,13 +203,15 @@ def ensemble_step(
     fullgraph: bool = True,
     **compile_kwargs: Any,
 ) -> StepFn:
-    """The step of every member in one call: ``torch.compile(torch.vmap(step))``.
+    """The step of every member in one call.
 
     Args:
         step: an optimizer (its ``step`` is used) or any function with the signature
             ``(params, grads, loss, state) -> (params, state)``.
-        compile: compile the vmapped step (one graph for all members; changing ``E``
-            recompiles). ``False`` returns the eager ``torch.vmap(step)``.
+        compile: compile the step (one graph for all members; changing ``E`` recompiles):
+            the engine with a member dimension for an optimizer, ``torch.compile(torch.vmap
+            (step))`` for a step function or a differentiable optimizer. ``False`` returns the
+            eager ``torch.vmap(step)``.
         fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
         **compile_kwargs: other ``torch.compile`` arguments (``mode``, ``dynamic``, ...).
 
@@ -224,7 +230,7 @@ def ensemble_step(
     compiled form gives first-order gradients equal to the eager ones (tested), and the eager
     form (``compile=False``) is the one to use for second-order gradients (MAML).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> from koala_func import koala_pp
@@ -280,7 +286,7 @@ def ensemble_train_step(
         ``fn(params, state, inputs, targets) -> (params, state, losses)`` with ``losses`` of
         shape ``[E, B]``, the per-sample losses of each member before its update.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from koala_func import koala_pp

@@ -63,7 +63,7 @@ class KoalaPPTransform:
     :meth:`init` writes into the state; :meth:`step` reads them from the state only, so a
     compiled step never recompiles when they change (``state.with_hyperparams(lr=...)``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> opt = koala_pp(lr=0.5)
@@ -103,7 +103,7 @@ class KoalaPPTransform:
         ``v`` and ``h_prev`` start at zero; the first :meth:`step` of each block replaces them
         as the released optimizer does (``v_prev = sigma * H``), without branching.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> state = koala_pp(granularity="global").init(TensorDict(w=torch.ones(2, 2)))
@@ -160,7 +160,7 @@ class KoalaPPTransform:
             loss: the minibatch mean loss (0-d) or the per-sample losses (1-d).
             state: from :meth:`init` or a previous :meth:`step`.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> opt = koala_pp(lr=1.0, r=0.5)
@@ -281,7 +281,8 @@ def engine_step(
     for b, g in zip(blocks, grad_list, strict=True):
         present[b] |= g is not None
     cdt = state.hyper.lr.dtype
-    if loss.dim() == n_lead + 1:
+    per_sample = loss.dim() == n_lead + 1
+    if per_sample:
         mean, mean_sq = loss_moments(loss, cdt)
     else:
         mean = loss.to(cdt)
@@ -317,6 +318,7 @@ def engine_step(
         opt.block_config(),
         present=None if all(present) else torch.tensor(present, device=state.s.device),
         reduce=reduce,
+        per_sample=per_sample,
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in groups],
     )
     new_params, new_v, new_h = params.copy(), state.v.copy(), state.h_prev.copy()
@@ -382,7 +384,7 @@ def koala_pp(
         impl: ``"auto"`` (the reference eagerly, the engine under ``torch.compile``),
             ``"engine"`` or ``"reference"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> opt = koala_pp(lr=0.5)
@@ -438,7 +440,7 @@ def koala_pp(
 def params_of(module: torch.nn.Module) -> TensorDict:
     """The module's parameters (no buffers) as a detached TensorDict with nested keys.
 
-    Example:
+    Examples:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
         >>> params = params_of(model)
@@ -459,7 +461,7 @@ def per_sample_loss(
     ``lambda out, y: F.cross_entropy(out, y, reduction="none")``. Leaves of ``params`` replace
     the module's tensors of the same name; the module's other buffers are used as they are.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> model = torch.nn.Linear(4, 3)
@@ -488,7 +490,7 @@ def value_and_grad(
     ``loss`` (it derives the mean and the second moment for the online R from them).
     Composes with ``torch.vmap`` (ensembles) and ``torch.compile``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> from koala_func import koala_pp

@@ -35,7 +35,7 @@ import torch
 from tensordict import TensorClass, TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters, check_step_inputs
-from koala_func.state import float_keys, scalar_dtype
+from koala_func.state import float_keys, leaves, scalar_dtype
 
 
 def _loss_moments(loss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ class KoalaVState(TensorClass["nocast", "frozen"]):
     def with_hyperparams(self, **values: Scalar) -> KoalaVState:
         """A copy with some hyperparameters replaced, e.g. ``state.with_hyperparams(lr=0.1)``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> state = koala_v().init(TensorDict(w=torch.ones(2)))
@@ -143,7 +143,7 @@ class KoalaVTransform:
     def init(self, params: TensorDictBase) -> KoalaVState:
         """A fresh state for ``params``: ``p = sigma``, counters at zero.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> koala_v(sigma=0.2).init(TensorDict(w=torch.ones(3), b=torch.zeros(1))).p
@@ -189,7 +189,7 @@ class KoalaVTransform:
                 losses feed the online R with their second moment, a scalar with ``L**2``.
             state: from :meth:`init` or a previous :meth:`step`.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> opt = koala_v(lr=0.5)
@@ -201,7 +201,7 @@ class KoalaVTransform:
             (True, [1])
         """
         keys = float_keys(params)
-        check_step_inputs(keys, params, grads, loss)
+        check_step_inputs(keys, leaves(params), leaves(grads), loss)
         ctx = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with ctx:
             return self._step(keys, params, grads, loss, state)
@@ -279,7 +279,7 @@ def koala_v(
         eps: tensors whose raw gradient norm is below ``eps`` are skipped.
         differentiable: let autograd flow through the step (else it runs under ``no_grad``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> opt = koala_v(lr=1.0, sigma=0.1, q=0.1)

@@ -32,6 +32,7 @@ its parameters).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -93,6 +94,7 @@ def _packed_step(
     decay,
     reduce,
     sharded,
+    per_sample,
 ):
     """The compiled unit: the engine in place over the optimizer's buffers."""
     run(
@@ -108,6 +110,7 @@ def _packed_step(
         skip_all=skip_all,
         reduce=reduce,
         sharded=sharded,
+        per_sample=per_sample,
         inplace=True,
     )
     inc = torch.ones_like(step) if skip_all is None else (~skip_all).long().expand_as(step)
@@ -179,10 +182,11 @@ class KoalaPP(torch.optim.Optimizer):
         nonfinite: ``"skip"`` (a block that meets NaN or inf is left unchanged and counted in
             ``state[p]["skipped"]``) or ``"raise"`` (``FloatingPointError``; a host sync).
         impl: ``"engine"`` (default: packed buffers, in place) or ``"reference"``.
-        compile: compile the engine step (``None``: when ``torch.compile`` works here; it
-            falls back to the eager engine with one warning when compiling fails).
+        compile: compile the engine step (``None``: when ``torch.compile`` works here, unless
+            the environment variable ``KOALA_FUNC_COMPILE=0``; it falls back to the eager
+            engine with one warning when compiling fails).
 
-    Example:
+    Examples:
         >>> import torch
         >>> import torch.nn.functional as F
         >>> _ = torch.manual_seed(0)
@@ -196,7 +200,8 @@ class KoalaPP(torch.optim.Optimizer):
         ...     losses.mean().backward()
         ...     _ = opt.step(loss=losses.detach())
         ...     sched.step()
-        >>> opt.param_groups[0]["lr"], int(opt.state[model.weight]["count"])
+        >>> group, state = opt.param_groups[0], opt.state[model.weight]
+        >>> group["lr"], int(state["count"])
         (0.125, 4)
     """
 
@@ -289,7 +294,7 @@ class KoalaPP(torch.optim.Optimizer):
         (``n * sum(mean(l_i**2))`` for ``n`` equal micro-batches). The next :meth:`step`
         consumes them, and :meth:`zero_grad` clears them with the gradients.
 
-        Example:
+        Examples:
             >>> import torch
             >>> model = torch.nn.Linear(2, 1)
             >>> opt = KoalaPP(model.parameters(), compile=False)
@@ -376,7 +381,9 @@ class KoalaPP(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None) if scaled else None
         if self._impl == "engine":
             assert self._packed is not None
-            if self._packed.stale():
+            # Inside a user's torch.compile the buffers are traced as they are (a data-pointer
+            # check would break the graph); eagerly, a replaced tensor is re-packed.
+            if not torch.compiler.is_compiling() and self._packed.stale():
                 self._rebuild()
             self._packed.step(moments, grad_scale, found_inf)
         else:
@@ -585,7 +592,12 @@ class _Packed:
         self.structure = self._structure()
         self.cfg = self._config()
         self.reduce = _all_reduce_fn(params) if any(self.sharded) else None
-        self.compiled: Callable | None = None
+        want = opt._compile
+        if want is None:
+            want = _compile_available(self.device)
+        # decided here, not at the first step: a user's torch.compile around step() would
+        # otherwise guard on the lazy attribute and recompile on its second call
+        self.compiled: Callable = _compiled_step() if want else _packed_step
 
     # -- structure ----------------------------------------------------------------------
     def _structure(self) -> list[tuple]:
@@ -652,8 +664,9 @@ class _Packed:
             present,
             skip_all,
             decay,
-            None if self.reduce is None else self.reduce[moments[2]],
+            self.reduce,
             self.sharded,
+            moments[2],
         )
         self._run(args)
         self._scatter_params()
@@ -664,11 +677,9 @@ class _Packed:
             )
 
     def _run(self, args) -> None:
-        if self.compiled is None:
-            want = self.opt._compile
-            if want is None:
-                want = _compile_available(self.device)
-            self.compiled = _compiled_step() if want else _packed_step
+        if torch.compiler.is_compiling():  # the caller compiles: trace the engine inline
+            _packed_step(*args)
+            return
         if self.compiled is _packed_step:
             _packed_step(*args)
             return
@@ -796,9 +807,8 @@ def _local_like(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     ).to_local()
 
 
-def _all_reduce_fn(params) -> dict[bool, Callable]:
-    """The reduce hooks for sharded layouts (one all-reduce over the parameters' mesh), for a
-    0-d loss (``False``) and for per-sample losses (``True``)."""
+def _all_reduce_fn(params) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reduce hook for sharded layouts: one all-reduce over the parameters' mesh."""
     meshes = {p.device_mesh for _, p in params if _is_dtensor(p) and _sharded(p)}
     if len(meshes) != 1:
         raise ValueError("KoalaPP: sharded parameters must live on one device mesh")
@@ -807,29 +817,24 @@ def _all_reduce_fn(params) -> dict[bool, Callable]:
         raise ValueError(f"KoalaPP supports parameters sharded on a 1-D mesh, got {mesh.ndim}-D")
     group = mesh.get_group()
 
-    return {per_sample: _all_reduce_hook(group, per_sample) for per_sample in (False, True)}
+    return _all_reduce_hook(group)
 
 
-def _all_reduce_hook(group, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def _all_reduce_hook(group) -> Callable[[torch.Tensor], torch.Tensor]:
     """The engine's ``reduce`` hook: one functional all-reduce (sum) of ``[sums..., L, m2, 1]``
-    over ``group``, so that the engine averages the loss moments over the ranks.
-
-    For a 0-d loss the single process on the global batch feeds R with ``L**2`` of the global
-    mean loss, not the mean over ranks of ``L_r**2``: the reduced ``m2`` entry is replaced by
-    the one that the engine's division turns into ``mean(L_r)**2``.
-    """
+    over ``group``, so that the engine averages the loss moments over the ranks."""
     import torch.distributed._functional_collectives as funcol
 
     def reduce(vec: torch.Tensor) -> torch.Tensor:
-        out = funcol.wait_tensor(funcol.all_reduce(vec, "sum", group))
-        if per_sample:
-            return out
-        return torch.cat([out[:-2], (out[-3] * out[-3] / out[-1]).unsqueeze(0), out[-1:]])
+        return funcol.wait_tensor(funcol.all_reduce(vec, "sum", group))
 
     return reduce
 
 
 def _compile_available(device: torch.device) -> bool:
+    env = os.environ.get("KOALA_FUNC_COMPILE")
+    if env is not None:  # "0": the eager engine everywhere (e.g. quick test runs)
+        return env not in ("0", "false", "False", "")
     try:
         return bool(torch._dynamo.is_dynamo_supported()) and device.type in ("cpu", "cuda", "xpu")
     except Exception:

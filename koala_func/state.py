@@ -77,7 +77,7 @@ class KoalaPPState(TensorClass["nocast", "frozen"]):
         compiled step sees the same input types and does not recompile. Values are checked
         as the builder checks them (eagerly; inside a compiled function nothing is read).
 
-        Example:
+        Examples:
             >>> import torch
             >>> from tensordict import TensorDict
             >>> from koala_func import koala_pp

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     opt = koala_pp(lr=args.lr, sigma=0.1, q=args.q)
     state = ensemble_init(opt, params)
     module = mlp()  # the architecture only: its own parameters are never used
-    # Forward + grad + KOALA++ step for all members: torch.compile(torch.vmap(...)).
+    # Forward + grad (vmapped) + the engine's KOALA++ step for all members, in one compiled call.
     train = ensemble_train_step(opt, module, ce, shared_inputs=False, compile=not args.eager)
 
     for _ in range(args.steps):

@@ -30,7 +30,7 @@ def choose_chunk_size(numels: Sequence[int], max_waste: float = 0.125) -> int:
     Large chunks mean fewer per-chunk partial sums; small chunks waste less memory when there
     are many tiny tensors. A ResNet-18 set gets 2048 (0.2% padding).
 
-    Example:
+    Examples:
         >>> choose_chunk_size([512 * 512, 512 * 256, 512])
         2048
         >>> choose_chunk_size([300] * 500)
@@ -109,7 +109,7 @@ class Layout:
         strides: optional dense strides per tensor (e.g. channels_last): :meth:`views` then
             returns views with these strides, the buffer holding each tensor in memory order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> layout = Layout([(5, 3), (3,)], torch.float32, torch.device("cpu"), chunk_size=4)
         >>> layout.n_chunks, layout.owner.tolist()  # 15 floats -> 4 chunks, 3 floats -> 1
@@ -192,7 +192,7 @@ class Layout:
             self.starts, self.numels, self.shapes, self.strides, strict=True
         ):
             if stride is None or lead:
-                out.append(rows[..., s * C : s * C + n].view(*lead, *shape))
+                out.append(rows[..., s * C : s * C + n].view((*lead, *shape)))
             else:
                 out.append(flat.as_strided(shape, stride, flat.storage_offset() + s * C))
         return out

@@ -76,6 +76,7 @@ def run(
     skip_all: torch.Tensor | None = None,
     reduce: Reduce | None = None,
     sharded: Sequence[bool] | None = None,
+    per_sample: bool = True,
     inplace: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """One KOALA++ step over packed buffers.
@@ -92,6 +93,8 @@ def run(
         skip_all: bool 0-d, refuse the whole step (found inf under a GradScaler).
         reduce: sums a flat ``[T_sharded*7 + 3]`` vector over ranks (the partial block sums of
             the layouts flagged in ``sharded``, then ``[mean, mean_sq, 1]``).
+        per_sample: the loss moments come from per-sample losses (else ``mean_sq`` is
+            ``mean**2``, recomputed after ``reduce`` averages ``mean`` over ranks).
         inplace: write theta, v, h into the buffers and the block state into ``blocks``.
 
     Returns:
@@ -134,7 +137,9 @@ def run(
         vec = reduce(torch.cat([*flat, torch.stack([mean.to(cdt), mean_sq.to(cdt), one])]))
         if part is not None:
             dots[True] = vec[:-3].view_as(part)
-        mean, mean_sq = vec[-3] / vec[-1], vec[-2] / vec[-1]
+        mean = vec[-3] / vec[-1]
+        # A mean loss feeds R with L**2 of the global mean, not the mean of the ranks' L**2.
+        mean_sq = vec[-2] / vec[-1] if per_sample else mean * mean
     total = [d for d in dots.values() if d is not None]
     sums = total[0] if len(total) == 1 else total[0] + total[1]
     assert sums.shape[-1] == len(DOTS)
