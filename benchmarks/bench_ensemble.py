@@ -8,8 +8,8 @@ Two groups, each timed interleaved in one run (medians; the machine is shared, t
 - whole training step (forward, gradient, KOALA++ step): ``ensemble_train_step`` compiled and
   eager, against loops of E eager and E compiled single-model training steps.
 
-Targets (issue 4): the one-call compiled step at least 10x faster than the eager loop and at
-least 1.5x faster than the loop of compiled single-model steps.
+The one-call step against fused Adam (issue 10's ensemble targets) is in
+``python -m benchmarks.report``; this script compares KOALA++ with itself: one call against loops.
 
     python benchmarks/bench_ensemble.py                 # E = 64
     python benchmarks/bench_ensemble.py --members 8 --repeats 5 --json /tmp/ens.json
@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from koala_func import koala_pp, value_and_grad
-from koala_func.ensemble import (
+from koala_func import (
     ensemble_init,
     ensemble_step,
     ensemble_train_step,
+    koala_pp,
     stack_params,
+    value_and_grad,
 )
 
 

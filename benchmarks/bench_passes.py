@@ -10,6 +10,7 @@ update pass writing 3 arrays back (theta, v, h_prev) or 2 (theta, v, as with
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -43,7 +44,8 @@ def adam_like(theta, g, m, v):
     theta.copy_(theta - 1e-3 * m / (v.sqrt() + 1e-8))
 
 
-def main() -> None:
+def run(reps: int = REPS) -> dict:
+    """Median ms of each pass over ``reps`` interleaved calls (report.py's pass table)."""
     g, h, v, theta = (torch.randn(N, C) for _ in range(4))
     coef = torch.rand(N, 4) * 0.1
     fns = {
@@ -57,14 +59,20 @@ def main() -> None:
         fn(*args)
         fn(*args)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(REPS):
+    for _ in range(reps):
         for k, (fn, args) in fns.items():
             t = time.perf_counter()
             fn(*args)
             times[k].append(time.perf_counter() - t)
-    print(f"median of {REPS} interleaved calls, {torch.get_num_threads()} threads")
-    for k, ts in times.items():
-        print(f"{k:28s} {sorted(ts)[REPS // 2] * 1e3:6.2f} ms")
+    ms = {k: statistics.median(ts) * 1e3 for k, ts in times.items()}
+    return {"shape": f"[{N}, {C}]", "reps": reps, "ms": ms}
+
+
+def main() -> None:
+    res = run()
+    print(f"median of {res['reps']} interleaved calls, {torch.get_num_threads()} threads")
+    for k, ms in res["ms"].items():
+        print(f"{k:28s} {ms:6.2f} ms")
 
 
 if __name__ == "__main__":

@@ -68,12 +68,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 class _Slot:
     """Where one parameter lives in the packed buffers."""
 
-    __slots__ = ("block", "dtensor", "grad", "layout", "param", "ptr", "stride", "theta")
+    __slots__ = ("block", "dtensor", "gptr", "grad", "layout", "param", "ptr", "stride", "theta")
 
     def __init__(self, param, layout, theta, grad, block, dtensor):
         self.param, self.layout, self.theta, self.grad = param, layout, theta, grad
         self.block, self.dtensor = block, dtensor
         self.ptr = None if dtensor else theta.data_ptr()
+        self.gptr = grad.data_ptr()
         self.stride = theta.stride()
 
 
@@ -304,12 +305,23 @@ class KoalaPP(torch.optim.Optimizer):
             ...     opt.observe_loss(loss)
             >>> _ = opt.step()  # uses the sum of the two: the mean over 16 samples
         """
-        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        t = self._as_loss(loss)
         if t.dim() > 1:
             raise ValueError(f"observe_loss expects a 0-d or 1-d loss, got shape {tuple(t.shape)}")
         if self._observed and self._observed[0].dim() != t.dim():
             raise ValueError("observe_loss got both 0-d and 1-d losses before one step")
         self._observed.append(t)
+
+    def _as_loss(self, loss: torch.Tensor | float) -> torch.Tensor:
+        # Reduced in the scalar dtype (float32 at least), as the functional door does: a
+        # bfloat16 mean of the per-sample losses would shift R and the step by ~0.3%.
+        dtype = torch.float32
+        for g in self.param_groups:
+            for p in g["params"]:
+                dtype = torch.promote_types(dtype, p.dtype)
+        if isinstance(loss, torch.Tensor):
+            return loss.detach().to(dtype)
+        return torch.tensor(float(loss), dtype=dtype)
 
     def _resolve_loss(self, loss, returned) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
         """(mean, mean of squares, per_sample) of the loss this step uses, or None."""
@@ -326,7 +338,7 @@ class KoalaPP(torch.optim.Optimizer):
             loss = returned
         if loss is None:
             return None
-        t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        t = self._as_loss(loss)
         if t.dim() > 1:
             raise ValueError(
                 f"loss must be the minibatch mean (0-d) or the per-sample losses (1-d), "
@@ -413,6 +425,8 @@ class KoalaPP(torch.optim.Optimizer):
         if self._packed is None:
             super().zero_grad(set_to_none=set_to_none)
             return
+        if self._packed.stale():  # e.g. model.to(dtype) swapped the data of our views
+            self._rebuild()
         self._packed.zero_grad()
 
     # ------------------------------------------------------- reference path
@@ -545,10 +559,7 @@ class _Packed:
         self.frozen = []
         for (dtype, sd, dt, sh), idx in buckets.items():
             locs = [_local(params[i][1]) for i in idx]
-            strides = [
-                t.stride() if (not t.is_contiguous() and t.is_non_overlapping_and_dense()) else None
-                for t in locs
-            ]
+            strides = [t.stride() if (not t.is_contiguous() and _dense(t)) else None for t in locs]
             layout = Layout(
                 [t.shape for t in locs], dtype, dev, [block_of[i] for i in idx], strides=strides
             )
@@ -633,10 +644,14 @@ class _Packed:
                 continue
             if p.data_ptr() != s.ptr or p.dtype != s.theta.dtype or p.stride() != s.stride:
                 return True
+            if s.grad.data_ptr() != s.gptr:  # Module._apply swapped our gradient view's data
+                return True
         return False
 
     # -- step -----------------------------------------------------------------------------
     def step(self, moments, grad_scale, found_inf) -> None:
+        if not self.slots:  # only empty groups: nothing to update
+            return
         mean, mean_sq, _ = moments
         present = self._gather_grads()
         thetas = [f[0] for f in self.flats]
@@ -763,6 +778,19 @@ class _Packed:
                 s.param.grad = s.grad
             elif not s.param.requires_grad:
                 s.param.grad = None
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its memory exactly (a permutation of a contiguous layout, e.g.
+    channels_last), so that a view of a flat buffer can carry its strides."""
+    expected = 1
+    for d in sorted(range(t.dim()), key=lambda i: t.stride(i)):
+        if t.size(d) == 1:
+            continue
+        if t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
 
 
 def _sharded(p: torch.Tensor) -> bool:

@@ -97,8 +97,14 @@ def replace_hyperparams(hyper: TensorClass, values: dict[str, Scalar]) -> Tensor
     unknown = set(values) - {f.name for f in dataclasses.fields(hyper)}
     if unknown:
         raise TypeError(f"unknown hyperparameter {sorted(unknown)[0]!r}")
-    if not torch.compiler.is_compiling():
-        check_hyperparameters(**values)
+    # Checked eagerly on plain values; inside torch.compile, vmap or grad nothing is read.
+    plain = {
+        k: v
+        for k, v in values.items()
+        if not (isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v))
+    }
+    if plain and not torch.compiler.is_compiling():
+        check_hyperparameters(**plain)
     ref = hyper.lr
     return hyper.replace(
         **{

@@ -226,13 +226,31 @@ def test_ensemble_hypergradients_match_single():
     d_lr2 = torch.autograd.grad(values2.sum(), lrs)[0]
     torch.testing.assert_close(d_lr2, d_lr, rtol=1e-12, atol=1e-14)
 
-    # torch.func: vmap of grad, per member
+
+def test_vmap_of_grad_through_with_hyperparams():
+    """torch.func: vmap of grad per member, the state built inside the vmapped function."""
+    n = 3
+    opt = koala_pp(differentiable=True, r=0.5)
+    g = torch.Generator().manual_seed(0)
+    params = TensorDict(
+        w1=torch.randn(n, 4, generator=g, dtype=DT),
+        w2=torch.randn(n, 3, generator=g, dtype=DT),
+        batch_size=[n],
+    )
+    lrs = torch.tensor([0.1, 0.3, 0.6], dtype=DT)
+    qs = torch.tensor([0.05, 0.1, 0.2], dtype=DT)
+
     def member_val(lr, q, p):
         st = opt.init(p).with_hyperparams(lr=lr, q=q, r=0.5)
         return _member_objective(opt.step, p, st, 3)
 
-    d_lr3 = torch.vmap(torch.func.grad(member_val))(lrs.detach(), qs.detach(), params)
-    torch.testing.assert_close(d_lr3, d_lr, rtol=1e-12, atol=1e-14)
+    d_lr = torch.vmap(torch.func.grad(member_val))(lrs, qs, params)
+    for e in range(n):
+        lr = lrs[e].clone().requires_grad_()
+        val = _member_objective(
+            opt.step, params[e], opt.init(params[e]).with_hyperparams(lr=lr, q=qs[e], r=0.5), 3
+        )
+        torch.testing.assert_close(d_lr[e], torch.autograd.grad(val, lr)[0], rtol=1e-12, atol=1e-14)
 
 
 def _ensemble_objective(step, params, state, n_steps):

@@ -1,41 +1,86 @@
-"""The benchmark machinery runs end to end on a tiny set (timings are not checked)."""
+"""The benchmark machinery runs end to end on tiny sets (timings are not checked)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("matplotlib")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks import report
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed
+from benchmarks import cold_compile, harness, report  # noqa: E402
 
 
-def test_report_machinery_runs(tmp_path, monkeypatch):
-    from benchmarks import harness
-
-    tiny = lambda: harness.SETS["tiny500"](12)  # noqa: E731
-    monkeypatch.setitem(harness.SETS, "tiny12", tiny)
+def test_report_runs_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setitem(harness.SETS, "tiny12", lambda: harness.SETS["tiny500"](12))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{report.README_BEGIN}\nold figures\n{report.README_END}\n")
     n = torch.get_num_threads()
     try:
         res = report.main(
             [
-                "--reps", "2", "--sets", "tiny12", "--compile-tensors", "3",
-                "--threads", "1",
-                "--out", str(tmp_path / "b.md"), "--img", str(tmp_path / "b.png"),
+                "--reps", "2", "--sets", "tiny12", "ensemble", "--members", "3", "--full-plan",
+                "--compile-tensors", "3", "--compile-doors", "functional", "--no-passes",
+                "--threads", "1", "--out", str(tmp_path / "b.md"),
+                "--json", str(tmp_path / "b.json"), "--img", str(tmp_path / "b.png"),
+                "--readme", str(readme),
             ]
         )  # fmt: skip
     finally:
         torch.set_num_threads(n)
-    text = (tmp_path / "b.md").read_text()
-    for method in harness.METHODS:
-        assert method in text
-    assert (tmp_path / "b.png").stat().st_size > 1000
+
     rows = res["steps"]
-    # two weight decays, the copy row each; the adopted-grads step only at weight_decay=0
-    assert len(rows) == 2 * (len(harness.METHODS) + 1) - 1
-    assert {r["weight_decay"] for r in rows if r["method"] == harness.ADOPT} == {0.0}
-    assert all(r["median_s"] > 0 for r in rows)
-    assert res["state"]["tiny12"]["Adam"] > 0 and res["compile"][3] > 0
+    plan = report.FULL_PLAN + report.WD0_PLAN + report.ENSEMBLE_PLAN
+    assert [(r["method"], r["mode"]) for r in rows] == plan
+    # every public door is built and timed (a door that fails is reported with its error)
+    for door in (harness.ADAM, harness.KOALA, harness.FUNC, harness.AUTHORS, harness.ENS):
+        row = next(r for r in rows if r["method"] == door)
+        assert row["error"] is None, row
+        assert row["median_s"] > 0 and row["state_bytes"] > 0
+    assert all(r["median_s"] > 0 for r in rows if r["error"] is None)
+
+    text = (tmp_path / "b.md").read_text()
+    for heading in ("## Targets (issue 10)", "## Step time", "## Cold compile", "## Method"):
+        assert heading in text
+    for method, mode in plan:
+        assert f"| {method} | {mode} |" in text
+    assert "| target | measured | target | met | note |" in text
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["targets"] == json.loads(json.dumps(res["targets"]))
+    (comp,) = saved["compile"]
+    assert comp["door"] == "functional" and comp["compile_s"] > 0 and comp["graphs"] >= 1
+    # every target of the issue is listed; those this run measured say whether they are met
+    assert len(saved["targets"]) == 7
+    for t in saved["targets"]:
+        assert (t["met"] is None) == (t["measured"] is None)
+    # the figures the README quotes are the ones this run measured, when it measured them all
+    para = report.readme_paragraph(res)
+    if para is not None:
+        assert para in readme.read_text()
+        for figure in saved["readme_figures"].values():
+            assert figure in para
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout
+
+
+def test_cold_compile_reports_a_failure_instead_of_raising():
+    res = cold_compile.measure("functional", 3, timeout=0.01)
+    assert res["door"] == "functional" and "error" in res

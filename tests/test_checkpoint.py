@@ -9,8 +9,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from koala_func import KoalaPPState, koala_pp
 from koala_func.checkpoint import load_state, save_state, state_from_dict, state_to_dict
-from koala_func.koala_pp import KoalaPPState, koala_pp
 
 SHAPES = {"w": (6, 5), "b": (5,), "head": {"w": (5, 3)}}
 

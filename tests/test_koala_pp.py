@@ -3,11 +3,9 @@ the skip rule, validation, and training on a real task."""
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from conftest import ce_per_sample, make_data, make_mlp
+from conftest import ce_per_sample, make_mlp
 from reference_koala import ReferenceKoalaPP
 from tensordict import TensorDict
 
@@ -16,57 +14,24 @@ import koala_func as kf
 F64 = torch.float64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny tensors gain nothing from intra-op threads; on a loaded 2-core machine two OpenMP
+    # threads made such steps many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _flat(td: TensorDict) -> dict:
     return {k: v for k, v in td.flatten_keys(".").items()}
 
 
 # ---------------------------------------------------------------------------------------------
-# Parity with the independent float64 reference, 200 steps of minibatch training
+# Parity with the independent float64 reference: the 200-step runs over every configuration
+# are in the door table (tests/doors.py, test_doors.py); here the late first updates.
 # ---------------------------------------------------------------------------------------------
-
-CONFIGS = list(
-    itertools.product(
-        ["per_sample", "scalar"],  # loss given to step
-        [None, 0.5],  # r: online / fixed
-        [True, False],  # symmetric
-        ["tensor", "global"],
-        [0.0, 5e-4],  # weight decay
-    )
-)
-
-
-@pytest.mark.parametrize("loss_kind,r,symmetric,granularity,wd", CONFIGS)
-def test_parity_with_independent_reference(loss_kind, r, symmetric, granularity, wd):
-    model = make_mlp(seed=1)
-    x, y = make_data(n=256, seed=2)
-    vg = kf.value_and_grad(model, ce_per_sample)
-    hyper = dict(lr=0.5, sigma=0.1, q=0.1, r=r, alpha_r=0.9, weight_decay=wd)
-    opt = kf.koala_pp(symmetric=symmetric, granularity=granularity, **hyper)
-    params = kf.params_of(model)
-    state = opt.init(params)
-    ref_params = _flat(params.clone())
-    ref = ReferenceKoalaPP(list(ref_params), symmetric=symmetric, granularity=granularity, **hyper)
-
-    for step in range(200):
-        i = (step * 32) % 256
-        xb, yb = x[i : i + 32], y[i : i + 32]
-        grads, losses = vg(params, xb, yb)
-        loss = losses if loss_kind == "per_sample" else losses.mean()
-        params, state = opt.step(params, grads, loss, state)
-
-        ref_td = TensorDict(ref_params).unflatten_keys(".")
-        ref_grads, ref_losses = vg(ref_td, xb, yb)
-        ref_loss = ref_losses if loss_kind == "per_sample" else ref_losses.mean()
-        ref.update(ref_params, _flat(ref_grads), ref_loss)
-
-    ours = _flat(params)
-    err = max((ours[k] - ref_params[k]).abs().max().item() for k in ours)
-    print(f"max |param diff| after 200 steps: {err:.1e}")  # shown with pytest -s
-    assert err <= 1e-10, err
-    moved = max((ours[k] - _flat(kf.params_of(model))[k]).abs().max().item() for k in ours)
-    assert moved > 1e-2  # the run really trained
-    assert torch.equal(state.count, torch.full_like(state.count, 200))
-    assert torch.all(torch.isfinite(state.s))
 
 
 def test_parity_with_skips_and_late_first_updates():
@@ -100,10 +65,12 @@ def test_parity_with_skips_and_late_first_updates():
 # ---------------------------------------------------------------------------------------------
 
 
-def _random_run(n=6, steps=5, seed=0, wd=0.0, symmetric=True, r=None, collinear=False):
+def _random_run(n=6, steps=5, seed=0, wd=0.0, symmetric=True, r=None, collinear=False, impl="auto"):
     """Steps of one tensor with random gradients; yields (before, grads, loss, after)."""
     g = torch.Generator().manual_seed(seed)
-    opt = kf.koala_pp(lr=0.7, sigma=0.2, q=0.05, r=r, weight_decay=wd, symmetric=symmetric)
+    opt = kf.koala_pp(
+        lr=0.7, sigma=0.2, q=0.05, r=r, weight_decay=wd, symmetric=symmetric, impl=impl
+    )
     params = TensorDict(w=torch.randn(n, generator=g, dtype=F64))
     state = opt.init(params)
     u = torch.randn(n, generator=g, dtype=F64)
@@ -118,11 +85,13 @@ def _random_run(n=6, steps=5, seed=0, wd=0.0, symmetric=True, r=None, collinear=
         params, state = new_params, new_state
 
 
+@pytest.mark.parametrize("impl", ["reference", "engine"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 1e-2])
-def test_gain_identity(symmetric, wd):
+def test_gain_identity(symmetric, wd, impl):
     """H.d = -lr * L_blk * s / (s + R) with s = H.v + Q|H|^2 (the new v)."""
-    for opt, (p0, _st0), grad, loss, (p1, st1) in _random_run(wd=wd, symmetric=symmetric):
+    run = _random_run(wd=wd, symmetric=symmetric, impl=impl)
+    for opt, (p0, _st0), grad, loss, (p1, st1) in run:
         theta = p0["w"]
         H = grad + wd * theta
         d = p1["w"] - theta

@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from koala_func.koala_pp import koala_pp
-from koala_func.optim import KoalaPP
+from koala_func import KoalaPP, koala_pp
 
 # derandomize: the same examples on every run, so CI cannot flake; modest counts keep the file fast
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
@@ -81,11 +80,17 @@ def test_outputs_finite_and_structure_preserved(shape_list, h, seed, dtype):
 
 
 @SETTINGS
-@given(shape_list=shapes, h=hyper, seed=st.integers(0, 2**16), mean_loss=st.booleans())
-def test_adapter_matches_functional_step(shape_list, h, seed, mean_loss):
+@given(
+    shape_list=shapes,
+    h=hyper,
+    seed=st.integers(0, 2**16),
+    mean_loss=st.booleans(),
+    impl=st.sampled_from(["engine", "reference"]),
+)
+def test_adapter_matches_functional_step(shape_list, h, seed, mean_loss, impl):
     params, grads, losses = make_run(shape_list, seed, 3, torch.float32)
     tensors = [params[k].clone().requires_grad_() for k in params.keys()]
-    adapter = KoalaPP(tensors, **h)
+    adapter = KoalaPP(tensors, **h, impl=impl, compile=False)
     opt = koala_pp(**h)
     state = opt.init(params)
     p = params
@@ -96,10 +101,16 @@ def test_adapter_matches_functional_step(shape_list, h, seed, mean_loss):
             t.grad = g[k].clone()
         adapter.step(loss=loss)
         for t, k in zip(tensors, params.keys(), strict=True):
-            assert torch.equal(t.detach(), p[k])
-    got = adapter.functional_state()
-    for name in ("s", "count", "skipped", "r_est", "step"):
-        assert torch.equal(getattr(got, name), getattr(state, name))
+            # the engine sums in another order: a few float32 ulps
+            torch.testing.assert_close(t.detach(), p[k], rtol=1e-5, atol=1e-6)
+            p[k].copy_(t.detach())  # continue from the same point
+    sts = [adapter.state[t] for t in tensors]
+    blocks = sts if h["granularity"] == "tensor" else sts[:1]
+    for name in ("s", "count", "skipped"):
+        got = torch.stack([b[name] for b in blocks])
+        torch.testing.assert_close(got, getattr(state, name), rtol=1e-5, atol=0)
+    for name in ("r_est", "step"):
+        torch.testing.assert_close(sts[0][name], getattr(state, name), rtol=1e-6, atol=0)
 
 
 @SETTINGS

@@ -1,0 +1,229 @@
+"""Cold compile time of one compiled door, in a fresh process with an empty inductor cache.
+
+    python -m benchmarks.cold_compile functional 160     # one measurement (prints JSON)
+
+:func:`measure` (used by report.py) starts this module as a subprocess with
+``TORCHINDUCTOR_CACHE_DIR`` set to a new temporary directory and the FX graph and AOTAutograd
+caches off. The worker builds ``n`` tiny tensors nested as ``TensorDict.from_module`` nests a
+model (8 per submodule, an integer buffer in each) and takes 20 steps with a changing loss and
+lr. The cold compile is the first step minus the steady-state step (the median of the last 10);
+the total compile adds every later step's excess (a recompile). It counts the graphs Dynamo
+compiled (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``) and keeps the recompile
+reasons Dynamo logged. The ensemble door uses E members of ``n`` tensors each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DOORS = ("KoalaPP", "functional", "ensemble")
+ROOT = Path(os.path.abspath(__file__)).parents[1]  # a symlinked checkout stays itself
+STEPS = 20
+
+
+class _Recompiles(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.reasons: list[str] = []
+
+    def emit(self, record):
+        msg = " ".join(record.getMessage().split())
+        if "ecompil" in msg:  # keep the failed guard, the useful part
+            guard = re.search(r"guard failure\(s\): - (?:\d+/\d+: )?(.*?)(?: #| - User|$)", msg)
+            self.reasons.append((guard.group(1) if guard else msg)[:200])
+
+
+def _door(door: str, n: int, members: int):
+    """``(step(i), loss setter)`` for one door: ``step(i)`` takes step ``i`` (0-based)."""
+    import torch
+    from tensordict import TensorDict
+
+    import koala_func as kf
+
+    from .harness import LR
+    from .sets import grads_of, module_of, tiny
+
+    shapes = tiny(n, seed=n)
+    if door == "KoalaPP":
+        model = module_of(shapes)
+        params = list(model.parameters())
+        opt = kf.KoalaPP(params, lr=LR, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+        grads = grads_of(shapes)
+
+        def step(i):
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    else:
+                        p.grad.copy_(g)
+            opt.step(loss=torch.tensor(0.5 + 0.01 * i))
+            sched.step()
+
+        return step
+    if door == "functional":
+        model = module_of(shapes)
+        params = TensorDict.from_module(model)
+        keys = [k for k, v in params.items(True, True) if v.is_floating_point()]
+        grads = TensorDict(dict(zip(keys, grads_of(shapes), strict=True)))
+        opt = kf.koala_pp(lr=LR, weight_decay=5e-4)
+        fn = torch.compile(opt.step, fullgraph=True)
+        box = {"params": params, "state": opt.init(params)}
+
+        def step(i):
+            box["params"], box["state"] = fn(
+                box["params"], grads, torch.tensor(0.5 + 0.01 * i), box["state"]
+            )
+            box["state"] = box["state"].with_hyperparams(lr=LR * 0.9 ** (i + 1))
+
+        return step
+    # ensemble: E members of n tiny tensors each
+    models = [module_of(shapes, seed=e) for e in range(members)]
+    params = kf.stack_params(models)
+    g = torch.Generator().manual_seed(1)
+    grads = params.apply(lambda p: torch.randn(p.shape, generator=g) * 1e-2)
+    opt = kf.koala_pp(lr=LR, weight_decay=5e-4)
+    fn = kf.ensemble_step(opt)
+    box = {"params": params, "state": kf.ensemble_init(opt, params)}
+
+    def step(i):
+        loss = torch.full((members,), 0.5 + 0.01 * i)
+        box["params"], box["state"] = fn(box["params"], grads, loss, box["state"])
+        box["state"] = box["state"].with_hyperparams(lr=torch.full((members,), LR * 0.9 ** (i + 1)))
+
+    return step
+
+
+def graphs_over_steps(variant: str, n: int = 10, steps: int = STEPS, members: int = 4) -> int:
+    """Graphs Dynamo compiles over ``steps`` steps with a changing loss and lr (backend
+    ``"eager"``: graph capture and guards only, no inductor), in this process."""
+    import torch
+    from tensordict import TensorDict
+    from torch._dynamo.utils import counters
+
+    import koala_func as kf
+
+    from .sets import grads_of, module_of, tiny
+
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    shapes = tiny(n, seed=n)
+    opt = kf.koala_pp(lr=1e-3, weight_decay=5e-4)
+    if variant.startswith("ensemble"):
+        params = kf.stack_params([module_of(shapes, seed=e) for e in range(members)])
+        grads = params.apply(lambda p: torch.full_like(p, 1e-2))
+        step, state = kf.ensemble_step(opt, backend="eager"), kf.ensemble_init(opt, params)
+        lead = (members,)
+    else:
+        params = TensorDict.from_module(module_of(shapes))
+        params = params.detach() if "detach" in variant else params
+        keys = [k for k, v in params.items(True, True) if v.is_floating_point()]
+        grads = TensorDict(dict(zip(keys, grads_of(shapes), strict=True)))
+        step = torch.compile(opt.step, fullgraph=True, backend="eager")
+        state, lead = opt.init(params), ()
+    for i in range(steps):
+        loss = torch.full(lead, 0.5 + 0.01 * i)
+        params, state = step(params, grads, loss, state)
+        state = state.with_hyperparams(lr=torch.full(lead, 1e-3 * 0.9**i))
+    n_graphs = counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    return n_graphs
+
+
+RECOMPILE_VARIANTS = {
+    "torch.compile(opt.step), params = TensorDict.from_module(model)": "from_module",
+    "torch.compile(opt.step), params = TensorDict.from_module(model).detach()": "detach",
+    "ensemble_step(opt), params = stack_params(models)": "ensemble",
+}
+
+
+def worker(door: str, n: int, members: int = 64, steps: int = STEPS) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    handler = _Recompiles()
+    torch._logging.set_logs(recompiles=True)
+    for name in ("torch._dynamo", "torch._dynamo.guards"):
+        logging.getLogger(name).addHandler(handler)
+    out: dict = {"door": door, "tensors": n}
+    step = _door(door, n, members)
+    times, graphs_first = [], None
+    for i in range(steps):
+        t = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            graphs_first = counters["stats"]["unique_graphs"]
+    steady = statistics.median(times[steps // 2 :])
+    out.update(
+        first_s=times[0],
+        second_s=times[1],
+        steady_s=steady,
+        compile_s=times[0] - steady,  # the cold compile of the first step
+        total_compile_s=sum(t - steady for t in times),  # with any recompile after it
+        graphs_first_call=graphs_first,
+        graphs=counters["stats"]["unique_graphs"],
+        steps=steps,
+        recompile_reasons=handler.reasons[:3],
+    )
+    return out
+
+
+def measure(door: str, n: int, timeout: float = 300, threads: int | None = None, members=64):
+    """Run :func:`worker` in a fresh interpreter with an empty inductor cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=tmp,
+            TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+            TORCHINDUCTOR_AUTOGRAD_CACHE="0",
+            TRITON_CACHE_DIR=os.path.join(tmp, "triton"),
+        )
+        env.pop("TORCH_COMPILE_DEBUG", None)
+        cmd = [sys.executable, "-m", "benchmarks.cold_compile", door, str(n)]
+        cmd += ["--members", str(members)] + (["--threads", str(threads)] if threads else [])
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return {"door": door, "tensors": n, "error": f"no result within {timeout:.0f} s"}
+        wall = time.perf_counter() - start
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT ") :])
+            res["process_s"] = wall
+            return res
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"door": door, "tensors": n, "error": f"exit {proc.returncode}: {tail[:200]}"}
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("door", choices=DOORS)
+    p.add_argument("tensors", type=int)
+    p.add_argument("--members", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print("RESULT " + json.dumps(worker(args.door, args.tensors, args.members)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
