@@ -145,7 +145,8 @@ def ensemble_init(
     check_hyperparameters(**values, eps=opt.eps)
 
     # Every member's state as opt.init builds it; init is shape-only, so vmap just batches it.
-    state = torch.vmap(opt.init)(params)
+    # contiguous: vmap may return expanded zeros, and a compiled step guards on strides
+    state = torch.vmap(opt.init)(params).contiguous()
     ref = state.hyper.lr
     hyper = {k: _member_values(k, v, n, ref.dtype, ref.device) for k, v in values.items()}
     r_est = state.r_est if opt.online_r else hyper["r"].detach().clone()

@@ -325,7 +325,9 @@ def engine_step(
     for (layout, idx), (theta, v, h) in zip(groups, out, strict=True):
         for name, td in ((theta, new_params), (v, new_v), (h, new_h)):
             for i, view in zip(idx, layout.views(name), strict=True):
-                td.set(keys[i], view)
+                # With member dims a view strides over the whole packed row: made contiguous,
+                # the outputs look like the inputs, and the next compiled call hits the guard.
+                td.set(keys[i], view.contiguous() if n_lead else view)
     return new_params, state.replace(
         v=new_v,
         h_prev=new_h,

@@ -128,6 +128,19 @@ def reference_step(
     """One step of ``opt`` (a :class:`~koala_func.KoalaPPTransform`) over the float ``keys``.
 
     Inputs are not modified. A block with no gradient is left alone (structure, not values).
+    ``opt.step`` calls it eagerly (after its checks); it is the ground truth of every door.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> opt = koala_pp(lr=0.5)
+        >>> params = TensorDict(w=torch.ones(3))
+        >>> grads = TensorDict(w=torch.tensor([0.1, -0.2, 0.3]))
+        >>> new, state = reference_step(opt, ["w"], params, grads, torch.tensor(0.7),
+        ...                             opt.init(params))
+        >>> state.count.tolist(), bool((new["w"] != params["w"]).all())
+        ([1], True)
     """
     hp = state.hyper
     cdt = hp.lr.dtype

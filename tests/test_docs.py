@@ -30,9 +30,17 @@ DOCS = ROOT / "docs"
 PAGE_TIMEOUT = 600  # seconds for all blocks of one page; pages are small by design
 
 PUBLIC_MODULES = sorted(
-    f"koala_func.{m.name}"
-    for m in pkgutil.iter_modules(koala_func.__path__)
-    if not m.name.startswith("_")
+    [
+        *(
+            f"koala_func.{m.name}"
+            for m in pkgutil.iter_modules(koala_func.__path__)
+            if not m.name.startswith("_")
+        ),
+        # the engine's own modules: their examples are not found through the package
+        "koala_func.engine.layout",
+        "koala_func.engine.math",
+        "koala_func.engine.passes",
+    ]
 )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CHUNK_SIZES", "Layout", "choose_chunk_size", "pack"]
+__all__ = ["CHUNK_SIZES", "Layout", "choose_chunk_size"]
 
 #: Chunk sizes tried by :func:`choose_chunk_size`, largest first.
 CHUNK_SIZES = (2048, 1024, 512, 256, 128, 64, 32, 16)

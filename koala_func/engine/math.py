@@ -52,7 +52,17 @@ Flag = bool | torch.Tensor
 
 
 class Hyper(NamedTuple):
-    """The hyperparameters as tensors broadcastable to the blocks ``[..., T]``."""
+    """The hyperparameters as tensors broadcastable to the blocks ``[..., T]``.
+
+    One value for every block (``[1]``), one per block (``[T]``, e.g. ``KoalaPP``'s param
+    groups), or one per ensemble member (``[E, 1]``).
+
+    Examples:
+        >>> import torch
+        >>> hp = Hyper(*(torch.tensor([v]) for v in (1.0, 0.1, 0.1, 1.0, 0.9, 0.0, 0.0)))
+        >>> hp.q
+        tensor([0.1000])
+    """
 
     lr: torch.Tensor
     sigma: torch.Tensor
@@ -64,7 +74,15 @@ class Hyper(NamedTuple):
 
 
 class BlockConfig(NamedTuple):
-    """Per-block structural options: Python values, or tensors broadcastable to ``[..., T]``."""
+    """Per-block structural options: Python values, or tensors broadcastable to ``[..., T]``.
+
+    Examples:
+        >>> import torch
+        >>> cfg = BlockConfig(symmetric=True, online=True, variance=False, eps=1e-9)
+        >>> mixed = cfg._replace(symmetric=torch.tensor([True, False]))  # two param groups
+        >>> mixed.symmetric.tolist()
+        [True, False]
+    """
 
     symmetric: Flag  # keep the w term
     online: Flag  # R estimated online (else the fixed r)
@@ -73,7 +91,16 @@ class BlockConfig(NamedTuple):
 
 
 class BlockUpdate(NamedTuple):
-    """Per-block results: the elementwise pass's coefficients and the new block state."""
+    """Per-block results: the elementwise pass's coefficients and the new block state.
+
+    Returned by :func:`block_update` (see its example): ``v = a v_prev + c H + b h_prev`` and
+    ``theta -= scale (v + q H)`` where ``ok``; ``s``, ``count``, ``skipped`` and ``r`` are the
+    block state after the step.
+
+    Examples:
+        >>> BlockUpdate._fields[:4]
+        ('a', 'c', 'b', 'scale')
+    """
 
     a: torch.Tensor  # multiplies v_prev
     c: torch.Tensor  # multiplies H
@@ -87,11 +114,15 @@ class BlockUpdate(NamedTuple):
 
 
 def loss_moments(loss: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, mean of squares)`` of the loss over its last dimension, in ``dtype``.
+    """``(mean, mean of squares)`` of per-sample losses ``[..., B]``, in ``dtype``.
 
-    Per-sample losses ``[..., B]`` give their mean and ``mean(l**2)``. A mean loss (0-d, or
-    ``[E]`` with ``per_sample=False`` at the door) gives ``(L, L**2)``, as the authors' image
-    scripts feed R. Doors decide which case a tensor is; this takes per-sample losses.
+    A mean loss (0-d, or ``[E]`` for an ensemble) is not passed here: the doors use
+    ``(L, L**2)`` for it, as the authors' image scripts feed R.
+
+    Examples:
+        >>> import torch
+        >>> loss_moments(torch.tensor([1.0, 3.0]), torch.float64)
+        (tensor(2., dtype=torch.float64), tensor(5., dtype=torch.float64))
     """
     loss = loss.to(dtype)
     return loss.mean(-1), loss.square().mean(-1)
@@ -133,6 +164,19 @@ def block_update(
         hp: hyperparameters; cfg: structural options.
         present: bool, blocks that received a gradient this step (others are left alone).
         skip_all: bool, refuse the whole step without counting it (a GradScaler found inf).
+
+    Examples:
+        One block whose sums say ``g = H = (1, 0)`` at its first update, with a mean loss 0.5:
+
+        >>> import torch
+        >>> dots = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # DOTS order
+        >>> hp = Hyper(*(torch.tensor([v]) for v in (1.0, 0.1, 0.1, 1.0, 0.9, 0.0, 0.0)))
+        >>> cfg = BlockConfig(symmetric=True, online=False, variance=False, eps=1e-9)
+        >>> zero, none = torch.zeros(1), torch.zeros(1, dtype=torch.long)
+        >>> u = block_update(dots, zero, none, none, hp.r, torch.tensor(0.5), torch.tensor(0.25),
+        ...                  hp, cfg)
+        >>> u.ok.tolist(), u.count.tolist(), round(float(u.s), 4)  # S = (v + Q H).H + R
+        ([True], [1], 1.2667)
     """
     gg, hh, hh_p, hv_p, x, y, tt = dots.unbind(-1)
     q, sigma, t = hp.q, hp.sigma, hp.loss_target

@@ -31,7 +31,16 @@ Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Buffers(NamedTuple):
-    """One layout's packed tensors, each ``[..., n_chunks, C]``."""
+    """One layout's packed tensors, each ``[..., n_chunks, C]`` (see :func:`run`).
+
+    Examples:
+        >>> import torch
+        >>> from koala_func.engine import Layout
+        >>> layout = Layout([(3,)], torch.float32, "cpu", chunk_size=4)
+        >>> buf = Buffers(*(layout.zeros() for _ in range(4)))  # theta, g, v, h
+        >>> tuple(buf.theta.shape)
+        (1, 4)
+    """
 
     theta: torch.Tensor
     g: torch.Tensor
@@ -40,7 +49,16 @@ class Buffers(NamedTuple):
 
 
 class Blocks(NamedTuple):
-    """The per-block state, each ``[..., T]`` (``r_est`` broadcastable to it)."""
+    """The per-block state, each ``[..., T]`` (``r_est`` broadcastable to it).
+
+    Examples:
+        >>> import torch
+        >>> T = 2
+        >>> blocks = Blocks(torch.zeros(T), torch.zeros(T, dtype=torch.long),
+        ...                 torch.zeros(T, dtype=torch.long), torch.ones(T))
+        >>> blocks.count.tolist()
+        [0, 0]
+    """
 
     s: torch.Tensor
     count: torch.Tensor
@@ -100,6 +118,25 @@ def run(
     Returns:
         per layout ``(theta, v, h)`` (the buffers themselves when ``inplace``), and the
         :class:`~koala_func.engine.math.BlockUpdate` (``r`` is the R used).
+
+    Examples:
+        Two tensors in one layout, one block each, stepped in place:
+
+        >>> import torch
+        >>> from koala_func.engine import BlockConfig, Hyper, Layout
+        >>> layout = Layout([(3, 2), (2,)], torch.float32, "cpu", chunk_size=4)
+        >>> theta = layout.pack([torch.ones(3, 2), torch.ones(2)])
+        >>> grad = layout.pack([torch.full((3, 2), 0.1), torch.full((2,), -0.2)])
+        >>> buf = Buffers(theta, grad, layout.zeros(), layout.zeros())
+        >>> blocks = Blocks(torch.zeros(2), torch.zeros(2, dtype=torch.long),
+        ...                 torch.zeros(2, dtype=torch.long), torch.ones(2))
+        >>> hp = Hyper(*(torch.tensor([v]) for v in (0.5, 0.1, 0.1, 1.0, 0.9, 0.0, 0.0)))
+        >>> cfg = BlockConfig(symmetric=True, online=True, variance=False, eps=1e-9)
+        >>> loss = torch.tensor(0.7)
+        >>> _ = run([layout.owner], [buf], blocks, loss, loss**2, hp, cfg, inplace=True)
+        >>> w, b = layout.views(theta)
+        >>> bool((w < 1).all()), bool((b > 1).all()), blocks.count.tolist()
+        (True, True, [1, 1])
     """
     cdt = blocks.s.dtype
     n_blocks = blocks.s.shape[-1]
