@@ -21,9 +21,9 @@ from collections.abc import Callable, Mapping
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from koala_func._dtensor import _all_reduce_hook, _is_dtensor, _local, _sharded, _wrap_like
 from koala_func._validation import check_state, check_step_inputs
 from koala_func.functional import KoalaPPTransform, engine_step
-from koala_func.optim import _all_reduce_hook, _is_dtensor, _local, _sharded, _wrap_like
 from koala_func.state import KoalaPPState, NestedKey, blocks_of, float_keys, leaves
 
 __all__ = ["ShardedKoalaPPTransform", "sharded"]

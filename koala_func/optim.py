@@ -41,8 +41,17 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from koala_func._dtensor import (
+    _all_reduce_fn,
+    _is_dtensor,
+    _local,
+    _local_like,
+    _sharded,
+    _wrap_like,
+)
 from koala_func._validation import check_choice, check_hyperparameters
 from koala_func.engine import BlockConfig, Blocks, Buffers, Hyper, Layout, run
+from koala_func.functional import KoalaPPTransform
 from koala_func.reference import reference_step
 from koala_func.state import HYPERPARAMETERS, KoalaPPHyperparams, KoalaPPState
 
@@ -53,25 +62,13 @@ _STATE_KEYS = ("v", "h_prev", *_BLOCK_KEYS)
 _STRUCTURE = ("symmetric", "granularity", "r_statistic", "eps", "state_dtype", "nonfinite", "r")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    import sys
-
-    # No DTensor exists unless torch.distributed.tensor was imported: do not import it here.
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
-
-
 class _Slot:
     """Where one parameter lives in the packed buffers."""
 
-    __slots__ = ("block", "dtensor", "gptr", "grad", "layout", "param", "ptr", "stride", "theta")
+    __slots__ = ("block", "dtensor", "gptr", "grad", "param", "ptr", "stride", "theta")
 
-    def __init__(self, param, layout, theta, grad, block, dtensor):
-        self.param, self.layout, self.theta, self.grad = param, layout, theta, grad
+    def __init__(self, param, theta, grad, block, dtensor):
+        self.param, self.theta, self.grad = param, theta, grad
         self.block, self.dtensor = block, dtensor
         self.ptr = None if dtensor else theta.data_ptr()
         self.gptr = grad.data_ptr()
@@ -556,7 +553,6 @@ class _Packed:
             dt = _is_dtensor(p)
             buckets.setdefault((p.dtype, sd, dt, dt and _sharded(p)), []).append(i)
         self.layouts, self.flats, self.sharded, self.slots = [], [], [], []
-        self.frozen = []
         for (dtype, sd, dt, sh), idx in buckets.items():
             locs = [_local(params[i][1]) for i in idx]
             strides = [t.stride() if (not t.is_contiguous() and _dense(t)) else None for t in locs]
@@ -583,7 +579,7 @@ class _Packed:
                     if g is not None:
                         p.grad = gv[j]  # else None until zero_grad attaches the view
                 st["v"], st["h_prev"] = _wrap_like(vv[j], p), _wrap_like(hv[j], p)
-                self.slots.append(_Slot(p, len(self.layouts) - 1, tv[j], gv[j], block_of[i], dt))
+                self.slots.append(_Slot(p, tv[j], gv[j], block_of[i], dt))
         # per-block state, carried over from the parameters' state
         self.blocks = Blocks(
             torch.zeros(T, dtype=cdt, device=dev),
@@ -793,72 +789,6 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _sharded(p: torch.Tensor) -> bool:
-    from torch.distributed.tensor import Partial, Shard
-
-    if any(isinstance(pl, Partial) for pl in p.placements):
-        raise ValueError(
-            f"KoalaPP needs Shard or Replicate placements, got {p.placements}; redistribute "
-            "Partial tensors first"
-        )
-    return any(isinstance(pl, Shard) for pl in p.placements)
-
-
-def _wrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if not _is_dtensor(like):
-        return local
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local,
-        like.device_mesh,
-        like.placements,
-        run_check=False,
-        shape=like.shape,
-        stride=like.stride(),
-    )
-
-
-def _local_like(saved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a loaded state tensor, laid out as ``like`` (a DTensor or not)."""
-    if not _is_dtensor(like):
-        return (saved.full_tensor() if _is_dtensor(saved) else saved).to(like.device)
-    if _is_dtensor(saved):
-        if saved.device_mesh != like.device_mesh or saved.placements != like.placements:
-            saved = saved.redistribute(like.device_mesh, like.placements)
-        return saved.to_local()
-    from torch.distributed.tensor import distribute_tensor
-
-    # a full tensor (e.g. a single-process checkpoint): each rank keeps its shard, no collective
-    return distribute_tensor(
-        saved.to(like.device), like.device_mesh, like.placements, src_data_rank=None
-    ).to_local()
-
-
-def _all_reduce_fn(params) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The reduce hook for sharded layouts: one all-reduce over the parameters' mesh."""
-    meshes = {p.device_mesh for _, p in params if _is_dtensor(p) and _sharded(p)}
-    if len(meshes) != 1:
-        raise ValueError("KoalaPP: sharded parameters must live on one device mesh")
-    (mesh,) = meshes
-    if mesh.ndim != 1:
-        raise ValueError(f"KoalaPP supports parameters sharded on a 1-D mesh, got {mesh.ndim}-D")
-    group = mesh.get_group()
-
-    return _all_reduce_hook(group)
-
-
-def _all_reduce_hook(group) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The engine's ``reduce`` hook: one functional all-reduce (sum) of ``[sums..., L, m2, 1]``
-    over ``group``, so that the engine averages the loss moments over the ranks."""
-    import torch.distributed._functional_collectives as funcol
-
-    def reduce(vec: torch.Tensor) -> torch.Tensor:
-        return funcol.wait_tensor(funcol.all_reduce(vec, "sum", group))
-
-    return reduce
-
-
 def _compile_available(device: torch.device) -> bool:
     env = os.environ.get("KOALA_FUNC_COMPILE")
     if env is not None:  # "0": the eager engine everywhere (e.g. quick test runs)
@@ -887,8 +817,6 @@ def _fresh_state(p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tens
 
 
 def _transform(group: dict[str, Any]):
-    from koala_func.functional import KoalaPPTransform
-
     return KoalaPPTransform(
         r=group["r"],
         symmetric=bool(group["symmetric"]),
