@@ -47,6 +47,8 @@ from koala_func.state import (
     blocks_of,
     float_keys,
     leaves,
+    replace_fields,
+    replace_leaves,
     scalar_dtype,
 )
 
@@ -175,8 +177,8 @@ class KoalaPPTransform:
         return self._step(params, grads, loss, state, n_lead=0)
 
     def _step(self, params, grads, loss, state, n_lead: int):
-        keys = float_keys(params)
         p_leaves, g_leaves = leaves(params), leaves(grads)
+        keys = float_keys(p_leaves)
         check_step_inputs(keys, p_leaves, g_leaves, loss, n_lead)
         v_leaves = leaves(state.v)
         n_blocks = len(blocks_of(keys, self.granularity))
@@ -221,6 +223,20 @@ class KoalaPPTransform:
 _LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
 
 
+@torch._dynamo.assume_constant_result
+def _groups(key: tuple) -> list[tuple]:
+    # Plain Python even while Dynamo traces a step (a trace-time constant): interpreted, this
+    # bookkeeping over every tensor costs about a second at 160 tensors.
+    sig, blocks, state_dtype, flags = key
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, dt, dev) in enumerate(sig):
+        groups.setdefault((dt, state_dtype or dt, dev, flags[i]), []).append(i)
+    return [
+        (tuple(sig[i][0] for i in idx), dt, dev, tuple(blocks[i] for i in idx), idx)
+        for (dt, _, dev, _), idx in groups.items()
+    ]
+
+
 def layouts_for(
     tensors: list[torch.Tensor],
     blocks: list[int],
@@ -230,21 +246,19 @@ def layouts_for(
 ) -> list[tuple[Layout, list[int]]]:
     """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
     the indices of its tensors; cached by structure, so a compiled step builds them once."""
-    sig = tuple((t.shape[n_lead:], t.dtype, t.device) for t in tensors)
+    sig = tuple((tuple(t.shape[n_lead:]), t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
     key = (sig, tuple(blocks), state_dtype, flags)
     # Inside a compiled graph the layout is built at trace time only; a cache lookup there
     # would add a guard on the cache that fails once the entry exists (a recompile).
-    found = None if torch.compiler.is_compiling() else _LAYOUTS.get(key)
+    compiling = torch.compiler.is_compiling()
+    found = None if compiling else _LAYOUTS.get(key)
     if found is None:
-        groups: dict[tuple, list[int]] = {}
-        for i, t in enumerate(tensors):
-            groups.setdefault((t.dtype, state_dtype or t.dtype, t.device, flags[i]), []).append(i)
         found = [
-            (Layout([sig[i][0] for i in idx], dt, dev, [blocks[i] for i in idx]), idx)
-            for (dt, _, dev, _), idx in groups.items()
+            (Layout(shapes, dt, dev, group_blocks), idx)
+            for shapes, dt, dev, group_blocks, idx in _groups(key)
         ]
-        if not torch.compiler.is_compiling():
+        if not compiling:
             _LAYOUTS[key] = found
     return found
 
@@ -321,16 +335,17 @@ def engine_step(
         per_sample=per_sample,
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in groups],
     )
-    new_params, new_v, new_h = params.copy(), state.v.copy(), state.h_prev.copy()
-    for (layout, idx), (theta, v, h) in zip(groups, out, strict=True):
-        for name, td in ((theta, new_params), (v, new_v), (h, new_h)):
-            for i, view in zip(idx, layout.views(name), strict=True):
+    new: tuple[dict, dict, dict] = ({}, {}, {})
+    for (layout, idx), bufs_out in zip(groups, out, strict=True):
+        for flat, found_out in zip(bufs_out, new, strict=True):
+            for i, view in zip(idx, layout.views(flat), strict=True):
                 # With member dims a view strides over the whole packed row: made contiguous,
                 # the outputs look like the inputs, and the next compiled call hits the guard.
-                td.set(keys[i], view.contiguous() if n_lead else view)
-    return new_params, state.replace(
-        v=new_v,
-        h_prev=new_h,
+                found_out[keys[i]] = view.contiguous() if n_lead else view
+    return replace_leaves(params, new[0]), replace_fields(
+        state,
+        v=replace_leaves(state.v, new[1]),
+        h_prev=replace_leaves(state.h_prev, new[2]),
         s=u.s,
         count=u.count,
         skipped=u.skipped,

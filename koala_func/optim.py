@@ -596,6 +596,11 @@ class _Packed:
             for k, arr in arrays.items():
                 st[k] = arr[s.block]  # a 0-d view: state_dict shows the live value
         self.hyper = torch.zeros(len(groups), len(HYPERPARAMETERS), dtype=cdt, device=dev)
+        self._hyper_values: list | None = None  # the Python values last written into hyper
+        self._local_slots = [s for s in self.slots if not s.dtensor]
+        self._ptrs = [s.ptr for s in self._local_slots]
+        self._gptrs = [s.gptr for s in self._local_slots]
+        self._kinds = [(s.theta.dtype, s.stride) for s in self._local_slots]
         self.structure = self._structure()
         self.cfg = self._config()
         self.reduce = _all_reduce_fn(params) if any(self.sharded) else None
@@ -634,15 +639,14 @@ class _Packed:
         n = sum(len(g["params"]) for g in self.opt.param_groups)
         if n != len(self.slots):
             return True
-        for s in self.slots:
-            p = s.param
-            if s.dtensor:
-                continue
-            if p.data_ptr() != s.ptr or p.dtype != s.theta.dtype or p.stride() != s.stride:
-                return True
-            if s.grad.data_ptr() != s.gptr:  # Module._apply swapped our gradient view's data
-                return True
-        return False
+        # One comprehension per property (this runs every step): a replaced parameter
+        # (p.data = ..., model.to(...)), and a gradient view whose data Module._apply swapped.
+        local = self._local_slots
+        return (
+            [s.param.data_ptr() for s in local] != self._ptrs
+            or [s.grad.data_ptr() for s in local] != self._gptrs
+            or [(s.param.dtype, s.param.stride()) for s in local] != self._kinds
+        )
 
     # -- step -----------------------------------------------------------------------------
     def step(self, moments, grad_scale, found_inf) -> None:
@@ -654,10 +658,9 @@ class _Packed:
         grads = [f[1] for f in self.flats]
         if grad_scale is not None:
             torch._foreach_mul_(grads, (1.0 / grad_scale.double()).to(self.cdt).to(self.device))
-        self._fill_hyper()
+        decay = self._fill_hyper()
         hyper = Hyper(*self.hyper[self.block_group].unbind(-1))
         skip_all = None if found_inf is None else (found_inf.to(self.device) != 0)
-        decay = any(float(g["weight_decay"]) != 0 for g in self.opt.param_groups)
         raise_groups = [g for g in self.opt.param_groups if g["nonfinite"] == "raise"]
         before = self.blocks.skipped.clone() if raise_groups else None
         args = (
@@ -752,17 +755,34 @@ class _Packed:
             else:
                 torch._foreach_copy_(local, theta)
 
-    def _fill_hyper(self) -> None:
-        for gi, g in enumerate(self.opt.param_groups):
-            row = self.hyper[gi]
-            for j, k in enumerate(HYPERPARAMETERS):
-                val = g[k]
-                if k == "r" and val is None:
-                    val = 1.0
-                if isinstance(val, torch.Tensor):
-                    row[j].copy_(val.detach())
-                else:
-                    row[j] = val
+    def _fill_hyper(self) -> bool:
+        """Write the groups' hyperparameters into ``hyper`` (one row per group); returns
+        whether weight decay is on. Eagerly, Python numbers are written only when they changed
+        (one copy); tensors (schedules on the device) are copied every step and count as
+        decay, so that no value is read back to the host."""
+        values = []
+        for g in self.opt.param_groups:
+            values.append([g[k] if k != "r" or g[k] is not None else 1.0 for k in HYPERPARAMETERS])
+        wd = HYPERPARAMETERS.index("weight_decay")
+        decay = any(isinstance(r[wd], torch.Tensor) or float(r[wd]) != 0 for r in values)
+        plain = all(not isinstance(v, torch.Tensor) for row in values for v in row)
+        # Inside a user's torch.compile: write every row, keep no cache (a cache attribute
+        # mutated in the graph would fail its guard on the next call).
+        cache = plain and not torch.compiler.is_compiling()
+        if cache and values == self._hyper_values:
+            return decay
+        if cache:
+            self.hyper.copy_(torch.tensor(values, dtype=self.hyper.dtype))
+        else:
+            for row, vals in zip(self.hyper, values, strict=True):
+                for j, val in enumerate(vals):
+                    if isinstance(val, torch.Tensor):
+                        row[j].copy_(val.detach())
+                    else:
+                        row[j] = val
+        if not torch.compiler.is_compiling():
+            self._hyper_values = values if cache else None
+        return decay
 
     def zero_grad(self) -> None:
         for f in self.flats:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-from tensordict import TensorClass, TensorDictBase
+from tensordict import TensorClass, TensorDict, TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters
 
@@ -89,7 +89,7 @@ class KoalaPPState(TensorClass["nocast", "frozen"]):
             ...
             ValueError: Invalid learning rate: -1.0
         """
-        return self.replace(hyper=replace_hyperparams(self.hyper, values))
+        return replace_fields(self, hyper=replace_hyperparams(self.hyper, values))
 
 
 def replace_hyperparams(hyper: TensorClass, values: dict[str, Scalar]) -> TensorClass:
@@ -106,7 +106,8 @@ def replace_hyperparams(hyper: TensorClass, values: dict[str, Scalar]) -> Tensor
     if plain and not torch.compiler.is_compiling():
         check_hyperparameters(**plain)
     ref = hyper.lr
-    return hyper.replace(
+    return replace_fields(
+        hyper,
         **{
             k: (
                 v.to(dtype=ref.dtype, device=ref.device)
@@ -114,7 +115,7 @@ def replace_hyperparams(hyper: TensorClass, values: dict[str, Scalar]) -> Tensor
                 else torch.tensor(v, dtype=ref.dtype, device=ref.device)
             )
             for k, v in values.items()
-        }
+        },
     )
 
 
@@ -138,14 +139,76 @@ def leaves(td: TensorDictBase) -> dict[NestedKey, torch.Tensor]:
     return out
 
 
-def float_keys(params: TensorDictBase) -> list[NestedKey]:
-    """The keys of the floating-point leaves of ``params``, in the TensorDict's order.
+def replace_fields(obj: TensorClass, **changes) -> TensorClass:
+    """``obj.replace(**changes)`` for a TensorClass, built in one constructor call.
+
+    Under ``torch.compile`` this traces in a fraction of the time of ``replace``, which walks
+    every nested leaf (over a second for a state of 160 tensors).
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from koala_func import koala_pp
+        >>> state = koala_pp().init(TensorDict(w=torch.ones(2)))
+        >>> replace_fields(state, step=torch.tensor(5)).step.item()
+        5
+    """
+    td = obj._tensordict
+    unknown = set(changes) - set(td._tensordict)
+    if unknown:
+        raise TypeError(f"unknown field {sorted(unknown)[0]!r}")
+    src = {**td._tensordict, **changes}
+    return type(obj)._from_tensordict(TensorDict(src, batch_size=td.batch_size, device=td.device))
+
+
+def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> TensorDictBase:
+    """A TensorDict shaped like ``td`` (same nesting, batch sizes and devices) whose leaves
+    are ``new[key]`` where given and ``td``'s own elsewhere; ``td`` is not modified.
+
+    Built bottom-up from plain dicts: under ``torch.compile`` this traces several times faster
+    than ``td.copy()`` and one ``set`` per key. Other TensorDict types go through ``set``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> td = TensorDict(a=torch.zeros(2), b=TensorDict(c=torch.zeros(1)))
+        >>> replace_leaves(td, {("b", "c"): torch.ones(1)})["b", "c"].tolist()
+        [1.0]
+    """
+
+    def build(t, prefix):
+        src = {}
+        for k, v in t._tensordict.items():
+            key = (*prefix, k)
+            if isinstance(v, torch.Tensor):
+                src[k] = new.get(key if prefix else k, v)
+            else:
+                src[k] = build(v, key)
+        return TensorDict(src, batch_size=t.batch_size, device=t.device)
+
+    def plain(t):
+        return type(t) is TensorDict and all(
+            isinstance(v, torch.Tensor) or plain(v) for v in t._tensordict.values()
+        )
+
+    if plain(td):
+        return build(td, ())
+    out = td.copy()
+    for key, value in new.items():
+        out.set(key, value)
+    return out
+
+
+def float_keys(params: TensorDictBase | dict[NestedKey, torch.Tensor]) -> list[NestedKey]:
+    """The keys of the floating-point leaves of ``params`` (a TensorDict, or its
+    :func:`leaves`), in order.
 
     Integer and boolean leaves (for example BatchNorm's ``num_batches_tracked`` in
     ``TensorDict.from_module(model)``) are not optimized: they pass through unchanged.
     """
     keys = []
-    for key, value in leaves(params).items():
+    found = params if isinstance(params, dict) else leaves(params)
+    for key, value in found.items():
         if value.is_complex():
             raise TypeError(f"KOALA++ does not support complex parameters (key {key!r})")
         if value.is_floating_point():

@@ -48,7 +48,7 @@ def choose_chunk_size(numels: Sequence[int], max_waste: float = 0.125) -> int:
 def pack(
     tensors: list[torch.Tensor],
     starts: list[int],
-    zero_chunks: list[int],
+    zero_ranges: list[int],
     n_chunks: int,
     chunk: int,
     n_lead: int,
@@ -56,16 +56,17 @@ def pack(
 ) -> torch.Tensor:
     """``tensors`` (each ``[*lead, *shape]``) copied into a new ``[*lead, n_chunks, chunk]``.
 
-    Tensor ``i`` starts at chunk ``starts[i]``; the chunks ``zero_chunks`` (each tensor's last
-    chunk, and every chunk of a missing tensor) are zeroed first, so padding is zero.
+    Tensor ``i`` starts at chunk ``starts[i]``; ``zero_ranges`` (flat ``[begin, end, ...]``
+    element offsets in a row: each tensor's padding, and every chunk of a missing tensor) are
+    zeroed, so padding is zero. Nothing else is written twice.
     """
     lead = tensors[0].shape[:n_lead] if tensors else ()
     device = tensors[0].device if tensors else None
     out = torch.empty(*lead, n_chunks, chunk, dtype=dtype, device=device)
-    if zero_chunks:
-        idx = torch.tensor(zero_chunks, dtype=torch.long, device=out.device)
-        out.index_fill_(-2, idx, 0)
     rows = out.view(*lead, n_chunks * chunk)
+    if zero_ranges:
+        ends = zero_ranges[1::2]
+        torch._foreach_zero_([rows[..., a:b] for a, b in zip(zero_ranges[::2], ends, strict=True)])
     dst = [
         rows[..., s * chunk : s * chunk + t[(0,) * n_lead].numel()]
         for s, t in zip(starts, tensors, strict=True)
@@ -76,22 +77,85 @@ def pack(
 
 
 @pack.register_fake
-def _(tensors, starts, zero_chunks, n_chunks, chunk, n_lead, dtype):
+def _(tensors, starts, zero_ranges, n_chunks, chunk, n_lead, dtype):
     lead = tensors[0].shape[:n_lead]
     return tensors[0].new_empty((*lead, n_chunks, chunk), dtype=dtype)
 
 
-def _pack_vmap(info, in_dims, tensors, starts, zero_chunks, n_chunks, chunk, n_lead, dtype):
+def _pack_vmap(info, in_dims, tensors, starts, zero_ranges, n_chunks, chunk, n_lead, dtype):
     # vmap over the step (compile(vmap(opt.step))): one more leading dimension.
     dims = in_dims[0]
     moved = [
         t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
         for t, d in zip(tensors, dims, strict=True)
     ]
-    return pack(moved, starts, zero_chunks, n_chunks, chunk, n_lead + 1, dtype), 0
+    return pack(moved, starts, zero_ranges, n_chunks, chunk, n_lead + 1, dtype), 0
 
 
 torch.library.register_vmap("koala_func::pack", _pack_vmap)
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+# The helpers below are plain integer bookkeeping over every tensor. Marked as constant
+# results, they run as ordinary Python when Dynamo traces a step that builds a Layout (the
+# functional door): interpreted, they cost seconds at a few hundred tensors, and their
+# results depend only on the shapes, which the graph's guards already fix.
+
+
+@torch._dynamo.assume_constant_result
+def _geometry(shapes, blocks, chunk_size, strides) -> tuple:
+    sizes = [torch.Size(s) for s in shapes]
+    numels = [s.numel() for s in sizes]
+    blocks = list(range(len(sizes))) if blocks is None else [int(b) for b in blocks]
+    strides = list(strides) if strides is not None else [None] * len(sizes)
+    chunk = int(chunk_size) if chunk_size is not None else choose_chunk_size(numels)
+    counts = [max(1, -(-n // chunk)) for n in numels]
+    starts = [0]
+    for c in counts[:-1]:
+        starts.append(starts[-1] + c)
+    last_chunks = [s + c - 1 for s, c in zip(starts, counts, strict=True)]
+    view_strides = [
+        _contiguous_strides(s) if t is None else t for s, t in zip(sizes, strides, strict=True)
+    ]
+    return (
+        sizes,
+        numels,
+        blocks,
+        chunk,
+        counts,
+        starts,
+        sum(counts),
+        last_chunks,
+        strides,
+        view_strides,
+        [b for b, c in zip(blocks, counts, strict=True) for _ in range(c)],  # owner
+    )
+
+
+@torch._dynamo.assume_constant_result
+def _pack_plan(starts, counts, numels, chunk, missing) -> tuple[list[int], list[int], list[int]]:
+    """The present tensors, their start chunks, and the element ranges to zero (flat
+    ``[begin, end, ...]``, adjacent ranges merged): each present tensor's padding, and all
+    chunks of a missing tensor."""
+    present = [i for i, m in enumerate(missing) if not m]
+    ranges: list[int] = []
+    for i, m in enumerate(missing):
+        begin = starts[i] * chunk + (0 if m else numels[i])
+        end = (starts[i] + counts[i]) * chunk
+        if begin == end:
+            continue
+        if ranges and ranges[-1] == begin:
+            ranges[-1] = end
+        else:
+            ranges += [begin, end]
+    return present, [starts[i] for i in present], ranges
 
 
 class Layout:
@@ -130,30 +194,27 @@ class Layout:
         chunk_size: int | None = None,
         strides: Sequence[Sequence[int] | None] | None = None,
     ) -> None:
-        self.shapes = [torch.Size(s) for s in shapes]
-        if not self.shapes:
+        if not shapes:
             raise ValueError("a Layout needs at least one tensor")
-        self.numels = [s.numel() for s in self.shapes]
+        if blocks is not None and len(blocks) != len(shapes):
+            raise ValueError("blocks must give one block per tensor")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"Invalid chunk_size: {chunk_size}")
+        geometry = _geometry(
+            tuple(tuple(s) for s in shapes),
+            None if blocks is None else tuple(blocks),
+            chunk_size,
+            None if strides is None else tuple(None if t is None else tuple(t) for t in strides),
+        )
+        (self.shapes, self.numels, self.blocks, self.chunk_size, self.counts, self.starts) = (
+            geometry[:6]
+        )
+        self.n_chunks, self.last_chunks, self.strides, self.view_strides = geometry[6:10]
         self.dtype = dtype
         self.device = torch.device(device)
-        self.blocks = list(range(len(self.shapes))) if blocks is None else [int(b) for b in blocks]
-        if len(self.blocks) != len(self.shapes):
-            raise ValueError("blocks must give one block per tensor")
-        self.strides = list(strides) if strides is not None else [None] * len(self.shapes)
-        if chunk_size is None:
-            chunk_size = choose_chunk_size(self.numels)
-        if chunk_size < 1:
-            raise ValueError(f"Invalid chunk_size: {chunk_size}")
-        self.chunk_size = int(chunk_size)
-        self.counts = [max(1, -(-n // self.chunk_size)) for n in self.numels]
-        self.starts = [0]
-        for c in self.counts[:-1]:
-            self.starts.append(self.starts[-1] + c)
-        self.n_chunks = sum(self.counts)
-        self.last_chunks = [s + c - 1 for s, c in zip(self.starts, self.counts, strict=True)]
-        self.owner = torch.repeat_interleave(
-            torch.tensor(self.blocks, dtype=torch.long), torch.tensor(self.counts)
-        ).to(self.device)
+        # From a constant list: inside a graph a constant tensor, not a repeat_interleave
+        # per call.
+        self.owner = torch.tensor(geometry[-1], dtype=torch.long, device=self.device)
 
     @property
     def n_tensors(self) -> int:
@@ -185,17 +246,30 @@ class Layout:
                 f"got {tuple(flat.shape)}"
             )
         lead = flat.shape[:-2]
-        rows = flat.reshape(*lead, -1)
         C = self.chunk_size
-        out = []
-        for s, n, shape, stride in zip(
-            self.starts, self.numels, self.shapes, self.strides, strict=True
-        ):
-            if stride is None or lead:
-                out.append(rows[..., s * C : s * C + n].view((*lead, *shape)))
-            else:
-                out.append(flat.as_strided(shape, stride, flat.storage_offset() + s * C))
-        return out
+        if not flat.is_contiguous():
+            rows = flat.reshape(*lead, -1)
+            return [
+                rows[..., s * C : s * C + n].view((*lead, *shape))
+                for s, n, shape in zip(self.starts, self.numels, self.shapes, strict=True)
+            ]
+        # as_strided, not slice-then-view: inductor lowers it to a view directly, where
+        # simplifying the indexing of a reshaped slice costs ~10 ms per output at compile time.
+        lead_strides = list(flat.stride()[: len(lead)])
+        # Under torch.compile the buffers viewed are fresh step outputs (offset 0), and
+        # storage_offset() is not traceable.
+        base = 0 if torch.compiler.is_compiling() else flat.storage_offset()
+        if lead:  # member rows: each tensor contiguous within its row
+            return [
+                flat.as_strided(
+                    (*lead, *shape), (*lead_strides, *_contiguous_strides(shape)), base + s * C
+                )
+                for s, shape in zip(self.starts, self.shapes, strict=True)
+            ]
+        return [
+            flat.as_strided(shape, stride, base + s * C)
+            for s, shape, stride in zip(self.starts, self.shapes, self.view_strides, strict=True)
+        ]
 
     def pack(
         self,
@@ -207,17 +281,19 @@ class Layout:
 
         Inside ``torch.compile`` this is one opaque node whatever the number of tensors.
         """
-        present = [i for i, t in enumerate(tensors) if t is not None]
-        zero = [self.last_chunks[i] for i in present]
-        for i, t in enumerate(tensors):
-            if t is None:
-                zero.extend(range(self.starts[i], self.starts[i] + self.counts[i]))
+        present, starts, zero = _pack_plan(
+            self.starts,
+            self.counts,
+            self.numels,
+            self.chunk_size,
+            tuple(t is None for t in tensors),
+        )
         if not present:
             raise ValueError("pack() needs at least one tensor")
         return pack(
             [tensors[i] for i in present],
-            [self.starts[i] for i in present],
-            sorted(set(zero)),
+            starts,
+            zero,
             self.n_chunks,
             self.chunk_size,
             n_lead,
