@@ -20,6 +20,7 @@ from koala_func.ensemble import (
     ensemble_size,
     ensemble_step,
     ensemble_train_step,
+    member_views,
     stack_params,
 )
 from koala_func.functional import (
@@ -48,6 +49,7 @@ __all__ = [
     "ensemble_train_step",
     "koala_pp",
     "koala_v",
+    "member_views",
     "params_of",
     "per_sample_loss",
     "stack_params",

@@ -33,14 +33,23 @@ import torch
 from tensordict import TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters
-from koala_func.functional import KoalaPPTransform, params_of, value_and_grad
-from koala_func.state import HYPERPARAMETERS, KoalaPPHyperparams, KoalaPPState
+from koala_func.functional import KoalaPPTransform, layouts_for, params_of, value_and_grad
+from koala_func.state import (
+    HYPERPARAMETERS,
+    KoalaPPHyperparams,
+    KoalaPPState,
+    float_keys,
+    leaves,
+    replace_fields,
+    replace_leaves,
+)
 
 __all__ = [
     "ensemble_init",
     "ensemble_size",
     "ensemble_step",
     "ensemble_train_step",
+    "member_views",
     "stack_params",
 ]
 
@@ -64,7 +73,36 @@ def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
     """
     if len(modules) == 0:
         raise ValueError("stack_params() expects at least one module")
-    return torch.stack([params_of(m) for m in modules]).contiguous()
+    return member_views(torch.stack([params_of(m) for m in modules]))
+
+
+def member_views(td: TensorDictBase) -> TensorDictBase:
+    """``td`` (``batch_size=[E]``) with its floating-point leaves copied into the engine's
+    packed member buffers (``[E, n_chunks, C]``, one per dtype) and returned as views of them.
+
+    These are the strides that the compiled ensemble step returns, so a step fed views
+    returns views (no copy out) and compiles once; a step fed contiguous leaves returns
+    contiguous copies. :func:`stack_params` and :func:`ensemble_init` return such views. Use
+    ``reshape`` rather than ``view`` on them: they are not contiguous across members.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> td = member_views(TensorDict(w=torch.ones(4, 3), batch_size=[4]))
+        >>> td["w"].shape, td["w"].is_contiguous(), bool((td["w"] == 1).all())
+        (torch.Size([4, 3]), False, True)
+    """
+    found = leaves(td)
+    keys = float_keys(found)
+    if not keys:
+        return td
+    tensors = [found[k] for k in keys]
+    views: dict = {}
+    for layout, idx in layouts_for(tensors, list(range(len(keys))), None, 1):  # one dtype each
+        flat = layout.pack([tensors[i] for i in idx], layout.dtype, 1)
+        for i, view in zip(idx, layout.views(flat), strict=True):
+            views[keys[i]] = view
+    return replace_leaves(td, views)
 
 
 def ensemble_size(params: TensorDictBase) -> int:
@@ -147,6 +185,8 @@ def ensemble_init(
     # Every member's state as opt.init builds it; init is shape-only, so vmap just batches it.
     # contiguous: vmap may return expanded zeros, and a compiled step guards on strides
     state = torch.vmap(opt.init)(params).contiguous()
+    # v and h_prev as packed member views: the strides the compiled step returns for them
+    state = replace_fields(state, v=member_views(state.v), h_prev=member_views(state.h_prev))
     ref = state.hyper.lr
     hyper = {k: _member_values(k, v, n, ref.dtype, ref.device) for k, v in values.items()}
     r_est = state.r_est if opt.online_r else hyper["r"].detach().clone()

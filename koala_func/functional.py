@@ -336,12 +336,16 @@ def engine_step(
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in groups],
     )
     new: tuple[dict, dict, dict] = ({}, {}, {})
+    inputs = (p_leaves, v_leaves, h_leaves)
     for (layout, idx), bufs_out in zip(groups, out, strict=True):
-        for flat, found_out in zip(bufs_out, new, strict=True):
+        for flat, found_in, found_out in zip(bufs_out, inputs, new, strict=True):
             for i, view in zip(idx, layout.views(flat), strict=True):
-                # With member dims a view strides over the whole packed row: made contiguous,
-                # the outputs look like the inputs, and the next compiled call hits the guard.
-                found_out[keys[i]] = view.contiguous() if n_lead else view
+                # With member dims a view strides over the whole packed row. An output looks
+                # like its input (a compiled step guards on strides): a contiguous input
+                # gets a contiguous copy; a packed view (stack_params, ensemble_init) gets
+                # the view, with no copy.
+                contiguous = n_lead and found_in[keys[i]].is_contiguous()
+                found_out[keys[i]] = view.contiguous() if contiguous else view
     return replace_leaves(params, new[0]), replace_fields(
         state,
         v=replace_leaves(state.v, new[1]),

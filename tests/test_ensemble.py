@@ -15,6 +15,7 @@ from koala_func.ensemble import (
     ensemble_size,
     ensemble_step,
     ensemble_train_step,
+    member_views,
     stack_params,
 )
 
@@ -203,6 +204,36 @@ def test_compiled_vmap_matches_loop(compiled_opt_step, per_member):
     p, s = run_ensemble(step, opt, params, hyper, N_STEPS, True)
     assert_close_td(p, ref_p)
     assert_same_state(s, ref_s)
+
+
+def test_member_views_layout_and_step(compiled_opt_step):
+    """member_views re-homes the float leaves as views of one packed buffer (values kept,
+    integer leaves untouched); the compiled step gives the same result on views and on
+    contiguous leaves, returns each output in the layout of its input, and compiles one graph
+    for views, then no more."""
+    opt, step, params = compiled_opt_step
+    mixed = params.clone()
+    mixed["count"] = torch.arange(ensemble_size(params))  # an integer leaf passes through
+    views = member_views(mixed)
+    assert torch.equal(views["count"], mixed["count"])
+    floats = [k for k, v in params.items(True, True) if v.is_floating_point()]
+    ptrs = {views.get(k).untyped_storage().data_ptr() for k in floats}
+    assert len(ptrs) == 1  # one dtype: one packed buffer
+    for k in floats:
+        assert torch.equal(views.get(k), params.get(k))
+    assert not all(views.get(k).is_contiguous() for k in floats)
+
+    hyper = member_hyper(ensemble_size(params))
+    ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
+    new_p, new_s = run_ensemble(step, opt, views.exclude("count"), hyper, 3, True)
+    assert_close_td(new_p, ref_p, 0)
+    assert_same_state(new_s, ref_s, 0)
+    for k in floats:
+        assert ref_p.get(k).is_contiguous()  # contiguous in, contiguous out
+        assert new_p.get(k).stride() == views.get(k).stride()  # views in, views out
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    run_ensemble(step, opt, views.exclude("count"), hyper, 2, True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
 def test_compiled_vmap_one_graph(compiled_opt_step):
