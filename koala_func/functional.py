@@ -227,7 +227,8 @@ _LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
 def _groups(key: tuple) -> list[tuple]:
     # Plain Python even while Dynamo traces a step (a trace-time constant): interpreted, this
     # bookkeeping over every tensor costs about a second at 160 tensors.
-    sig, blocks, state_dtype, flags = key
+    sig, blocks, state_dtype, flags, n_lead = key
+    sig = tuple((tuple(shape[n_lead:]), dt, dev) for shape, dt, dev in sig)
     groups: dict[tuple, list[int]] = {}
     for i, (_, dt, dev) in enumerate(sig):
         groups.setdefault((dt, state_dtype or dt, dev, flags[i]), []).append(i)
@@ -246,9 +247,10 @@ def layouts_for(
 ) -> list[tuple[Layout, list[int]]]:
     """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
     the indices of its tensors; cached by structure, so a compiled step builds them once."""
-    sig = tuple((tuple(t.shape[n_lead:]), t.dtype, t.device) for t in tensors)
+    # Per tensor only what the guards fix; the rest is worked out in _groups (plain Python).
+    sig = tuple((t.shape, t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
-    key = (sig, tuple(blocks), state_dtype, flags)
+    key = (sig, tuple(blocks), state_dtype, flags, n_lead)
     # Inside a compiled graph the layout is built at trace time only; a cache lookup there
     # would add a guard on the cache that fails once the entry exists (a recompile).
     compiling = torch.compiler.is_compiling()

@@ -161,6 +161,21 @@ def replace_fields(obj: TensorClass, **changes) -> TensorClass:
     return type(obj)._from_tensordict(TensorDict(src, batch_size=td.batch_size, device=td.device))
 
 
+def _new_tensordict(src: dict, batch_size: torch.Size, device) -> TensorDict:
+    """A TensorDict over ``src`` (already valid: leaves and TensorDicts of ``batch_size``)."""
+    if not torch.compiler.is_compiling():
+        return TensorDict._new_unsafe(src, batch_size=batch_size, device=device, nested=False)
+    # What _new_unsafe does eagerly. Under torch.compile it calls the full constructor instead,
+    # which (with reading batch_size and device through their properties) costs Dynamo about
+    # 30 ms per nested TensorDict: seconds for a model's parameters, state and results.
+    td = TensorDict.__new__(TensorDict)
+    td._device = device
+    td._tensordict = src
+    td._batch_size = batch_size
+    td._td_dim_names = None
+    return td
+
+
 def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> TensorDictBase:
     """A TensorDict shaped like ``td`` (same nesting, batch sizes and devices) whose leaves
     are ``new[key]`` where given and ``td``'s own elsewhere; ``td`` is not modified.
@@ -184,7 +199,7 @@ def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> Te
                 src[k] = new.get(key if prefix else k, v)
             else:
                 src[k] = build(v, key)
-        return TensorDict(src, batch_size=t.batch_size, device=t.device)
+        return _new_tensordict(src, t._batch_size, t._device)
 
     def plain(t):
         return type(t) is TensorDict and all(
