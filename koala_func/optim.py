@@ -65,14 +65,11 @@ _STRUCTURE = ("symmetric", "granularity", "r_statistic", "eps", "state_dtype", "
 class _Slot:
     """Where one parameter lives in the packed buffers."""
 
-    __slots__ = ("block", "dtensor", "gptr", "grad", "param", "ptr", "stride", "theta")
+    __slots__ = ("block", "dtensor", "grad", "param", "theta")
 
     def __init__(self, param, theta, grad, block, dtensor):
         self.param, self.theta, self.grad = param, theta, grad
         self.block, self.dtensor = block, dtensor
-        self.ptr = None if dtensor else theta.data_ptr()
-        self.gptr = grad.data_ptr()
-        self.stride = theta.stride()
 
 
 def _packed_step(
@@ -598,9 +595,10 @@ class _Packed:
         self.hyper = torch.zeros(len(groups), len(HYPERPARAMETERS), dtype=cdt, device=dev)
         self._hyper_values: list | None = None  # the Python values last written into hyper
         self._local_slots = [s for s in self.slots if not s.dtensor]
-        self._ptrs = [s.ptr for s in self._local_slots]
-        self._gptrs = [s.gptr for s in self._local_slots]
-        self._kinds = [(s.theta.dtype, s.stride) for s in self._local_slots]
+        # What stale() compares against: where our views point, as built.
+        self._ptrs = [s.theta.data_ptr() for s in self._local_slots]
+        self._gptrs = [s.grad.data_ptr() for s in self._local_slots]
+        self._kinds = [(s.theta.dtype, s.theta.stride()) for s in self._local_slots]
         self.structure = self._structure()
         self.cfg = self._config()
         self.reduce = _all_reduce_fn(params) if any(self.sharded) else None

@@ -110,7 +110,7 @@ def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
 
 
 @torch._dynamo.assume_constant_result
-def _geometry(shapes, blocks, chunk_size, strides) -> tuple:
+def _geometry(shapes, blocks, chunk_size, strides) -> dict:
     sizes = [torch.Size(s) for s in shapes]
     numels = [s.numel() for s in sizes]
     blocks = list(range(len(sizes))) if blocks is None else [int(b) for b in blocks]
@@ -120,23 +120,20 @@ def _geometry(shapes, blocks, chunk_size, strides) -> tuple:
     starts = [0]
     for c in counts[:-1]:
         starts.append(starts[-1] + c)
-    last_chunks = [s + c - 1 for s, c in zip(starts, counts, strict=True)]
-    view_strides = [
-        _contiguous_strides(s) if t is None else t for s, t in zip(sizes, strides, strict=True)
-    ]
-    return (
-        sizes,
-        numels,
-        blocks,
-        chunk,
-        counts,
-        starts,
-        sum(counts),
-        last_chunks,
-        strides,
-        view_strides,
-        [b for b, c in zip(blocks, counts, strict=True) for _ in range(c)],  # owner
-    )
+    dense = [_contiguous_strides(s) for s in sizes]
+    return {
+        "shapes": sizes,
+        "numels": numels,
+        "blocks": blocks,
+        "chunk_size": chunk,
+        "counts": counts,
+        "starts": starts,
+        "n_chunks": sum(counts),
+        "strides": strides,
+        "view_strides": [d if t is None else t for d, t in zip(dense, strides, strict=True)],
+        "dense_strides": dense,
+        "owner": [b for b, c in zip(blocks, counts, strict=True) for _ in range(c)],
+    }
 
 
 @torch._dynamo.assume_constant_result
@@ -200,21 +197,25 @@ class Layout:
             raise ValueError("blocks must give one block per tensor")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {chunk_size}")
-        geometry = _geometry(
+        g = _geometry(
             tuple(tuple(s) for s in shapes),
             None if blocks is None else tuple(blocks),
             chunk_size,
             None if strides is None else tuple(None if t is None else tuple(t) for t in strides),
         )
-        (self.shapes, self.numels, self.blocks, self.chunk_size, self.counts, self.starts) = (
-            geometry[:6]
+        self.shapes, self.numels, self.blocks = g["shapes"], g["numels"], g["blocks"]
+        self.chunk_size, self.counts, self.starts = g["chunk_size"], g["counts"], g["starts"]
+        self.n_chunks, self.strides, self.view_strides = (
+            g["n_chunks"],
+            g["strides"],
+            g["view_strides"],
         )
-        self.n_chunks, self.last_chunks, self.strides, self.view_strides = geometry[6:10]
+        self._dense_strides = g["dense_strides"]  # contiguous strides of each shape
         self.dtype = dtype
         self.device = torch.device(device)
         # From a constant list: inside a graph a constant tensor, not a repeat_interleave
         # per call.
-        self.owner = torch.tensor(geometry[-1], dtype=torch.long, device=self.device)
+        self.owner = torch.tensor(g["owner"], dtype=torch.long, device=self.device)
 
     @property
     def n_tensors(self) -> int:
@@ -261,10 +262,10 @@ class Layout:
         base = 0 if torch.compiler.is_compiling() else flat.storage_offset()
         if lead:  # member rows: each tensor contiguous within its row
             return [
-                flat.as_strided(
-                    (*lead, *shape), (*lead_strides, *_contiguous_strides(shape)), base + s * C
+                flat.as_strided((*lead, *shape), (*lead_strides, *dense), base + s * C)
+                for s, shape, dense in zip(
+                    self.starts, self.shapes, self._dense_strides, strict=True
                 )
-                for s, shape in zip(self.starts, self.shapes, strict=True)
             ]
         return [
             flat.as_strided(shape, stride, base + s * C)
