@@ -24,6 +24,7 @@ A sweep is an ensemble whose members differ only in their hyperparameters: 16 le
 from __future__ import annotations
 
 import itertools
+import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,12 +33,23 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
-from koala_func._validation import Scalar, check_hyperparameters
-from koala_func.functional import KoalaPPTransform, layouts_for, params_of, value_and_grad
+from koala_func._validation import Scalar, check_hyperparameters, check_state, check_step_inputs
+from koala_func.engine import Blocks, Buffers, Hyper
+from koala_func.functional import (
+    KoalaPPTransform,
+    engine_buffers,
+    engine_plan,
+    engine_run,
+    engine_views,
+    layouts_for,
+    params_of,
+    value_and_grad,
+)
 from koala_func.state import (
     HYPERPARAMETERS,
     KoalaPPHyperparams,
     KoalaPPState,
+    blocks_of,
     float_keys,
     leaves,
     replace_fields,
@@ -286,17 +298,157 @@ def ensemble_step(
         [[1], [0], [1]]
     """
     if compile and _uses_engine(step):
-        # The engine takes the member dimension itself: no vmap, one packed graph whose
-        # size does not grow with the number of tensors per member.
-        def members(params, grads, loss, state):
-            return step._step(params, grads, loss, state, n_lead=1)
-
-        fn = members
-    else:
-        fn = torch.vmap(_plain_step(step))
-        if not compile:
-            return fn
+        return _EngineEnsembleStep(step, fullgraph=fullgraph, **compile_kwargs)
+    fn = torch.vmap(_plain_step(step))
+    if not compile:
+        return fn
     return torch.compile(_with_own_code(fn, "ensemble_step"), fullgraph=fullgraph, **compile_kwargs)
+
+
+class _EngineEnsembleStep:
+    """:func:`ensemble_step` of an optimizer: the engine with a member dimension.
+
+    Called eagerly, the TensorDicts are taken apart in Python and only the packed buffers
+    enter a compiled graph: leaves that are views of the engine's packed member buffers
+    (:func:`stack_params`, :func:`ensemble_init`, :func:`member_views`, and this step's own
+    results) are read in place, others are packed by one copy each. The graph then has a
+    handful of inputs whatever the number of tensors, so its guards, its compile time and
+    its steady-state overhead do not grow with them. The results are views of new packed
+    buffers; on CPU those are recycled from earlier steps once nothing references them (a
+    fresh buffer pays a page fault per 4 KiB written). Traced inside a user's
+    ``torch.compile``, the step is the engine in that graph.
+    """
+
+    def __init__(self, opt: KoalaPPTransform, *, fullgraph: bool = True, **compile_kwargs: Any):
+        self.opt = opt
+
+        def packed_step(bufs, outs, owners, present, blocks, step, loss, hyper):
+            _, u = engine_run(
+                opt,
+                owners,
+                present,
+                [Buffers(*b) for b in bufs],
+                Blocks(*blocks),
+                Hyper(*(x.unsqueeze(-1) for x in hyper)),
+                loss,
+                1,
+                out=outs,
+            )
+            return u.s, u.count, u.skipped, u.r.squeeze(-1), step + 1
+
+        def members(params, grads, loss, state):
+            return opt._step(params, grads, loss, state, n_lead=1)
+
+        kwargs = {"fullgraph": fullgraph, **compile_kwargs}
+        self._packed = torch.compile(_with_own_code(packed_step, "ensemble_step"), **kwargs)
+        self._members = members
+        self._kwargs = kwargs
+        self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
+        self._spare = _Recycler()
+
+    def __call__(self, params, grads, loss, state):
+        if torch.compiler.is_compiling():
+            return self._members(params, grads, loss, state)
+        opt = self.opt
+        p_leaves, g_leaves = leaves(params), leaves(grads)
+        keys = float_keys(p_leaves)
+        if not keys:
+            if self._traced is None:
+                fn = _with_own_code(self._members, "ensemble_step")
+                self._traced = torch.compile(fn, **self._kwargs)
+            return self._traced(params, grads, loss, state)
+        ensemble_size(params)
+        check_step_inputs(keys, p_leaves, g_leaves, loss, 1)
+        v_leaves, h_leaves = leaves(state.v), leaves(state.h_prev)
+        n_blocks = len(blocks_of(keys, opt.granularity))
+        check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
+        opt._check_loss(loss, 1)
+        spare = self._spare
+        spare.begin()
+
+        def packed(layout, tensors, dtype):
+            # The buffer the tensors are views of, else a packed copy (None: all missing).
+            base = layout.packed_base(tensors, 1, dtype)
+            if base is not None or all(t is None for t in tensors):
+                return base
+            like = next(t for t in tensors if t is not None)
+            return layout.pack(tensors, dtype, 1, out=spare.take(layout, like, dtype))
+
+        with torch.no_grad():
+            plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
+            v = [v_leaves[k] for k in keys]
+            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, packed)
+            outs = [
+                tuple(
+                    spare.take(layout, plan.params[idx[0]], b.dtype)
+                    for b in (buf.theta, buf.v, buf.h)
+                )
+                for (layout, idx), buf in zip(plan.groups, bufs, strict=True)
+            ]
+            s, count, skipped, r_est, step = self._packed(
+                [tuple(b) for b in bufs],
+                outs,
+                [layout.owner for layout, _ in plan.groups],
+                tuple(plan.present),
+                (state.s, state.count, state.skipped, state.r_est.unsqueeze(-1)),
+                state.step,
+                loss,
+                tuple(getattr(state.hyper, k) for k in _HYPER),
+            )
+            new = engine_views(plan, outs, 1)
+        return replace_leaves(params, new[0]), replace_fields(
+            state,
+            v=replace_leaves(state.v, new[1]),
+            h_prev=replace_leaves(state.h_prev, new[2]),
+            s=s,
+            count=count,
+            skipped=skipped,
+            r_est=r_est,
+            step=step,
+        )
+
+
+class _Recycler:
+    """Packed buffers handed out again once nothing but this pool references them.
+
+    CPU only: there a fresh multi-megabyte buffer costs a page fault per 4 KiB on its first
+    write (glibc returns freed large blocks to the OS), about as much as the step itself for
+    an ensemble of small models. CUDA's caching allocator already reuses memory.
+    """
+
+    LIMIT = 16  # buffers kept per shape: about two steps' worth of outputs and packs
+
+    def __init__(self) -> None:
+        self._pool: dict[tuple, list[torch.Tensor]] = {}
+        self._taken: set[int] = set()
+
+    def begin(self) -> None:
+        """Start a step: what was taken before is free again once unreferenced."""
+        self._taken.clear()
+
+    def take(self, layout, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An unreferenced ``[E, n_chunks, C]`` buffer (``E`` from ``like``), else a new one."""
+        shape = (*like.shape[:1], layout.n_chunks, layout.chunk_size)
+        if like.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=like.device)
+        pool = self._pool.setdefault((shape, dtype), [])
+        for buf in pool:
+            if id(buf) not in self._taken and _unreferenced(buf):
+                self._taken.add(id(buf))
+                return buf
+        buf = torch.empty(shape, dtype=dtype)
+        if len(pool) < self.LIMIT:
+            pool.append(buf)
+            self._taken.add(id(buf))
+        return buf
+
+
+def _unreferenced(buf: torch.Tensor) -> bool:
+    """Nothing but the pool holds ``buf``: no view or other tensor on its storage (which
+    counts ``buf`` and the storage object asked), and no Python reference to ``buf`` itself
+    (a view's ``_base``) beyond the pool's list, the loop's name and this argument."""
+    storage_users = torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+    return storage_users == 2 and sys.getrefcount(buf) <= 4
 
 
 def ensemble_train_step(

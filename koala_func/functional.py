@@ -20,9 +20,9 @@ Also here: glue that turns a module and a loss into pure functions of the parame
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -35,6 +35,7 @@ from koala_func._validation import (
     check_step_inputs,
 )
 from koala_func.engine import BlockConfig, Blocks, Buffers, Hyper, Layout, loss_moments, run
+from koala_func.engine.math import BlockUpdate
 from koala_func.reference import reference_step
 from koala_func.state import (
     HYPERPARAMETERS,
@@ -270,6 +271,152 @@ def hyper_of(hyper: KoalaPPHyperparams) -> Hyper:
     return Hyper(*(getattr(hyper, k).unsqueeze(-1) for k in HYPERPARAMETERS))
 
 
+class EnginePlan(NamedTuple):
+    """What one step of the engine packs: the layouts and, by key order, the tensors."""
+
+    keys: list[NestedKey]
+    groups: list[tuple[Layout, list[int]]]  # one Layout per dtype group, with its tensors
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    present: list[bool]  # per block: it received a gradient
+
+
+def engine_plan(
+    opt: KoalaPPTransform,
+    keys: list[NestedKey],
+    p_leaves: dict,
+    g_leaves: dict,
+    n_lead: int,
+    sharded: list[bool] | None = None,
+) -> EnginePlan:
+    """The layouts for ``keys`` of ``p_leaves`` (cached by structure) and the gradients."""
+    tensors = [p_leaves[k] for k in keys]
+    blocks = list(range(len(keys))) if opt.granularity == "tensor" else [0] * len(keys)
+    present = [False] * len(blocks_of(keys, opt.granularity))
+    grads = [g_leaves.get(k, None) for k in keys]
+    for b, g in zip(blocks, grads, strict=True):
+        present[b] |= g is not None
+    groups = layouts_for(tensors, blocks, opt.state_dtype, n_lead, sharded)
+    return EnginePlan(keys, groups, tensors, grads, present)
+
+
+Packed = Callable[[Layout, list, torch.dtype], "torch.Tensor | None"]
+
+
+def engine_buffers(
+    opt: KoalaPPTransform,
+    plan: EnginePlan,
+    v: list[torch.Tensor],
+    h: list[torch.Tensor],
+    n_lead: int,
+    packed: Packed | None = None,
+) -> list[Buffers]:
+    """Per layout, the :class:`~koala_func.engine.Buffers` of the step: ``packed(layout,
+    tensors, dtype)`` may return an existing buffer that ``tensors`` are views of (the
+    ensemble door); otherwise the tensors are packed (a missing gradient is zeros)."""
+    bufs = []
+    for layout, idx in plan.groups:
+        sd = opt.state_dtype or layout.dtype
+        lead = plan.params[idx[0]].shape[:n_lead]
+
+        def pk(items, dtype, layout=layout, idx=idx, lead=lead):
+            chosen = [items[i] for i in idx]
+            found = packed(layout, chosen, dtype) if packed is not None else None
+            if found is not None:
+                return found
+            if all(t is None for t in chosen):  # no gradient in this layout
+                return layout.zeros(*lead, dtype=dtype)
+            return layout.pack(chosen, dtype, n_lead)
+
+        bufs.append(
+            Buffers(
+                pk(plan.params, layout.dtype), pk(plan.grads, layout.dtype), pk(v, sd), pk(h, sd)
+            )
+        )
+    return bufs
+
+
+def engine_run(
+    opt: KoalaPPTransform,
+    owners: list[torch.Tensor],
+    present: Sequence[bool],
+    bufs: list[Buffers],
+    blocks: Blocks,
+    hyper: Hyper,
+    loss: torch.Tensor,
+    n_lead: int,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sharded: list[bool] | None = None,
+    out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
+    """:func:`~koala_func.engine.run` on packed buffers (``owners``: each layout's
+    ``Layout.owner``; ``present``: per block, it received a gradient; ``sharded``: per
+    layout; ``out``: buffers to write the results into), with the loss moments of ``loss``."""
+    cdt = blocks.s.dtype
+    per_sample = loss.dim() == n_lead + 1
+    if per_sample:
+        mean, mean_sq = loss_moments(loss, cdt)
+    else:
+        mean = loss.to(cdt)
+        mean_sq = mean.square()
+    return run(
+        owners,
+        bufs,
+        blocks,
+        mean,
+        mean_sq,
+        hyper,
+        opt.block_config(),
+        present=None if all(present) else torch.tensor(list(present), device=blocks.s.device),
+        reduce=reduce,
+        per_sample=per_sample,
+        sharded=sharded,
+        out=out,
+    )
+
+
+def engine_views(
+    plan: EnginePlan,
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    n_lead: int,
+    like: tuple[dict, dict, dict] | None = None,
+) -> tuple[dict, dict, dict]:
+    """The new params, v and h_prev by key, as views of the packed results ``out``. With
+    ``like`` (the inputs' leaves) and member dims, an output whose input was contiguous is a
+    contiguous copy: a compiled step guards on strides, so outputs look like their inputs."""
+    new: tuple[dict, dict, dict] = ({}, {}, {})
+    keys = plan.keys
+    for (layout, idx), bufs_out in zip(plan.groups, out, strict=True):
+        for j, (flat, found_out) in enumerate(zip(bufs_out, new, strict=True)):
+            for i, view in zip(idx, layout.views(flat), strict=True):
+                # With member dims a view strides over the whole packed row.
+                contiguous = like is not None and n_lead and like[j][keys[i]].is_contiguous()
+                found_out[keys[i]] = view.contiguous() if contiguous else view
+    return new
+
+
+def engine_state(
+    state: KoalaPPState, v: TensorDictBase, h_prev: TensorDictBase, u: BlockUpdate
+) -> KoalaPPState:
+    """``state`` after a step: new ``v`` and ``h_prev``, the block state of ``u``."""
+    return replace_fields(
+        state,
+        v=v,
+        h_prev=h_prev,
+        s=u.s,
+        count=u.count,
+        skipped=u.skipped,
+        r_est=u.r.squeeze(-1),
+        step=state.step + 1,
+    )
+
+
+def blocks_in(state: KoalaPPState) -> Blocks:
+    """The stored per-block state as the engine takes it."""
+    return Blocks(state.s, state.count, state.skipped, state.r_est.unsqueeze(-1))
+
+
 def engine_step(
     opt: KoalaPPTransform,
     keys: list[NestedKey],
@@ -289,74 +436,25 @@ def engine_step(
     (:mod:`koala_func.distributed`)."""
     p_leaves, g_leaves, v_leaves = found
     h_leaves = leaves(state.h_prev)
-    tensors = [p_leaves[k] for k in keys]
-    blocks = list(range(len(keys))) if opt.granularity == "tensor" else [0] * len(keys)
-    n_blocks = len(blocks_of(keys, opt.granularity))
-    present = [False] * n_blocks
-    grad_list = [g_leaves.get(k, None) for k in keys]
-    for b, g in zip(blocks, grad_list, strict=True):
-        present[b] |= g is not None
-    cdt = state.hyper.lr.dtype
-    per_sample = loss.dim() == n_lead + 1
-    if per_sample:
-        mean, mean_sq = loss_moments(loss, cdt)
-    else:
-        mean = loss.to(cdt)
-        mean_sq = mean.square()
-
-    layouts, bufs = [], []
-    groups = layouts_for(tensors, blocks, opt.state_dtype, n_lead, sharded)
-    for layout, idx in groups:
-        sd = opt.state_dtype or layout.dtype
-
-        def pk(items, dtype, layout=layout, idx=idx):
-            chosen = [items[i] for i in idx]
-            if all(t is None for t in chosen):  # no gradient in this layout
-                return layout.zeros(*tensors[idx[0]].shape[:n_lead], dtype=dtype)
-            return layout.pack(chosen, dtype, n_lead)
-
-        layouts.append(layout)
-        bufs.append(
-            Buffers(
-                pk(tensors, layout.dtype),
-                pk(grad_list, layout.dtype),
-                pk([v_leaves[k] for k in keys], sd),
-                pk([h_leaves[k] for k in keys], sd),
-            )
-        )
-    out, u = run(
-        [layout.owner for layout in layouts],
-        bufs,
-        Blocks(state.s, state.count, state.skipped, state.r_est.unsqueeze(-1)),
-        mean,
-        mean_sq,
-        hyper_of(state.hyper),
-        opt.block_config(),
-        present=None if all(present) else torch.tensor(present, device=state.s.device),
-        reduce=reduce,
-        per_sample=per_sample,
-        sharded=None if sharded is None else [sharded[idx[0]] for _, idx in groups],
+    plan = engine_plan(opt, keys, p_leaves, g_leaves, n_lead, sharded)
+    bufs = engine_buffers(
+        opt, plan, [v_leaves[k] for k in keys], [h_leaves[k] for k in keys], n_lead
     )
-    new: tuple[dict, dict, dict] = ({}, {}, {})
-    inputs = (p_leaves, v_leaves, h_leaves)
-    for (layout, idx), bufs_out in zip(groups, out, strict=True):
-        for flat, found_in, found_out in zip(bufs_out, inputs, new, strict=True):
-            for i, view in zip(idx, layout.views(flat), strict=True):
-                # With member dims a view strides over the whole packed row. An output looks
-                # like its input (a compiled step guards on strides): a contiguous input
-                # gets a contiguous copy; a packed view (stack_params, ensemble_init) gets
-                # the view, with no copy.
-                contiguous = n_lead and found_in[keys[i]].is_contiguous()
-                found_out[keys[i]] = view.contiguous() if contiguous else view
-    return replace_leaves(params, new[0]), replace_fields(
-        state,
-        v=replace_leaves(state.v, new[1]),
-        h_prev=replace_leaves(state.h_prev, new[2]),
-        s=u.s,
-        count=u.count,
-        skipped=u.skipped,
-        r_est=u.r.squeeze(-1),
-        step=state.step + 1,
+    out, u = engine_run(
+        opt,
+        [layout.owner for layout, _ in plan.groups],
+        plan.present,
+        bufs,
+        blocks_in(state),
+        hyper_of(state.hyper),
+        loss,
+        n_lead,
+        reduce=reduce,
+        sharded=None if sharded is None else [sharded[idx[0]] for _, idx in plan.groups],
+    )
+    new = engine_views(plan, out, n_lead, like=(p_leaves, v_leaves, h_leaves))
+    return replace_leaves(params, new[0]), engine_state(
+        state, replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2]), u
     )
 
 

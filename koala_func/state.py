@@ -126,17 +126,19 @@ def leaves(td: TensorDictBase) -> dict[NestedKey, torch.Tensor]:
     faster than ``td.items(include_nested=True)``.
     """
     out: dict[NestedKey, torch.Tensor] = {}
-
-    def walk(t, prefix):
-        for k, v in t._tensordict.items():
-            key = (*prefix, k)
-            if isinstance(v, torch.Tensor):
-                out[key if prefix else k] = v
-            else:
-                walk(v, key)
-
-    walk(td, ())
+    _walk(td, (), out)
     return out
+
+
+# Module-level recursion, not nested closures: a closure that calls itself is a reference
+# cycle, which would keep every leaf it saw alive until the garbage collector runs.
+def _walk(t: TensorDictBase, prefix: tuple, out: dict) -> None:
+    for k, v in t._tensordict.items():
+        key = (*prefix, k)
+        if isinstance(v, torch.Tensor):
+            out[key if prefix else k] = v
+        else:
+            _walk(v, key, out)
 
 
 def replace_fields(obj: TensorClass, **changes) -> TensorClass:
@@ -190,28 +192,29 @@ def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> Te
         >>> replace_leaves(td, {("b", "c"): torch.ones(1)})["b", "c"].tolist()
         [1.0]
     """
-
-    def build(t, prefix):
-        src = {}
-        for k, v in t._tensordict.items():
-            key = (*prefix, k)
-            if isinstance(v, torch.Tensor):
-                src[k] = new.get(key if prefix else k, v)
-            else:
-                src[k] = build(v, key)
-        return _new_tensordict(src, t._batch_size, t._device)
-
-    def plain(t):
-        return type(t) is TensorDict and all(
-            isinstance(v, torch.Tensor) or plain(v) for v in t._tensordict.values()
-        )
-
-    if plain(td):
-        return build(td, ())
+    if _plain(td):
+        return _build(td, (), new)
     out = td.copy()
     for key, value in new.items():
         out.set(key, value)
     return out
+
+
+def _plain(t: TensorDictBase) -> bool:
+    return type(t) is TensorDict and all(
+        isinstance(v, torch.Tensor) or _plain(v) for v in t._tensordict.values()
+    )
+
+
+def _build(t: TensorDictBase, prefix: tuple, new: dict) -> TensorDict:
+    src = {}
+    for k, v in t._tensordict.items():
+        key = (*prefix, k)
+        if isinstance(v, torch.Tensor):
+            src[k] = new.get(key if prefix else k, v)
+        else:
+            src[k] = _build(v, key, new)
+    return _new_tensordict(src, t._batch_size, t._device)
 
 
 def float_keys(params: TensorDictBase | dict[NestedKey, torch.Tensor]) -> list[NestedKey]:

@@ -206,11 +206,13 @@ def test_compiled_vmap_matches_loop(compiled_opt_step, per_member):
     assert_same_state(s, ref_s)
 
 
-def test_member_views_layout_and_step(compiled_opt_step):
+def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
     """member_views re-homes the float leaves as views of one packed buffer (values kept,
-    integer leaves untouched); the compiled step gives the same result on views and on
-    contiguous leaves, returns each output in the layout of its input, and compiles one graph
-    for views, then no more."""
+    integer leaves untouched). The step gives the same result on views and on contiguous
+    leaves, returns packed views either way, reads packed inputs in place (only the gradients
+    are packed), and compiles no graph for either."""
+    from koala_func.engine import Layout
+
     opt, step, params = compiled_opt_step
     mixed = params.clone()
     mixed["count"] = torch.arange(ensemble_size(params))  # an integer leaf passes through
@@ -224,16 +226,42 @@ def test_member_views_layout_and_step(compiled_opt_step):
     assert not all(views.get(k).is_contiguous() for k in floats)
 
     hyper = member_hyper(ensemble_size(params))
+    run_ensemble(step, opt, params, hyper, 1, True)  # warm
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    packs = []
+    original = Layout.pack
+    monkeypatch.setattr(Layout, "pack", lambda *a, **k: packs.append(1) or original(*a, **k))
     ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
+    # ensemble_init packs v and h_prev; the first step packs the contiguous params, then each
+    # step packs its gradients
+    assert len(packs) == 2 + 1 + 3
+    packs.clear()
     new_p, new_s = run_ensemble(step, opt, views.exclude("count"), hyper, 3, True)
+    assert len(packs) == 2 + 3  # the gradients only: params, v and h_prev are read in place
     assert_close_td(new_p, ref_p, 0)
     assert_same_state(new_s, ref_s, 0)
     for k in floats:
-        assert ref_p.get(k).is_contiguous()  # contiguous in, contiguous out
-        assert new_p.get(k).stride() == views.get(k).stride()  # views in, views out
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    run_ensemble(step, opt, views.exclude("count"), hyper, 2, True)
+        assert ref_p.get(k).stride() == views.get(k).stride()  # packed views out, always
+        assert new_p.get(k).stride() == views.get(k).stride()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_recycled_buffers_never_overwrite_live_results(compiled_opt_step):
+    """On CPU the step writes into buffers of earlier results that nothing references any
+    more; results the caller still holds are never written."""
+    opt, step, params = compiled_opt_step
+    n = ensemble_size(params)
+    state = ensemble_init(opt, params, **member_hyper(n))
+    p, ptrs, kept = params, [], {}
+    for k in range(8):
+        p, state = step(p, make_grads(params, k), make_loss(n, k, True), state)
+        ptrs.append(p.get(("0", "weight")).untyped_storage().data_ptr())
+        if k == 2:  # the caller keeps this step's results
+            kept = {"p": p, "state": state, "values": p.clone(), "v": state.v.clone()}
+    assert len(set(ptrs)) < len(ptrs)  # buffers came back
+    assert ptrs[2] not in ptrs[3:]  # ... but never one the caller holds
+    assert_close_td(kept["p"], kept["values"], 0)
+    assert_close_td(kept["state"].v, kept["v"], 0)
 
 
 def test_compiled_vmap_one_graph(compiled_opt_step):
@@ -391,5 +419,7 @@ def test_each_compiled_helper_has_its_own_dynamo_cache():
         ensemble_train_step(opt, module, ce_per_sample),
         ensemble_train_step(opt, module, ce_per_sample),
     ]
-    codes = {id(f._torchdynamo_orig_callable.__code__) for f in fns}  # nothing compiled yet
+    # an optimizer's ensemble_step compiles its packed core (``_packed``)
+    compiled = [getattr(f, "_packed", f) for f in fns]
+    codes = {id(f._torchdynamo_orig_callable.__code__) for f in compiled}  # nothing compiled yet
     assert len(codes) == len(fns)

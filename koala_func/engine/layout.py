@@ -14,6 +14,7 @@ graph costs the compiler one node, not 500.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,8 +45,7 @@ def choose_chunk_size(numels: Sequence[int], max_waste: float = 0.125) -> int:
     return CHUNK_SIZES[-1]
 
 
-@torch.library.custom_op("koala_func::pack", mutates_args=())
-def pack(
+def _pack_into(
     tensors: list[torch.Tensor],
     starts: list[int],
     zero_ranges: list[int],
@@ -53,8 +53,10 @@ def pack(
     chunk: int,
     n_lead: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``tensors`` (each ``[*lead, *shape]``) copied into a new ``[*lead, n_chunks, chunk]``.
+    """``tensors`` (each ``[*lead, *shape]``) copied into a new ``[*lead, n_chunks, chunk]``
+    (or into ``out``, eager callers only).
 
     Tensor ``i`` starts at chunk ``starts[i]``; ``zero_ranges`` (flat ``[begin, end, ...]``
     element offsets in a row: each tensor's padding, and every chunk of a missing tensor) are
@@ -62,7 +64,8 @@ def pack(
     """
     lead = tensors[0].shape[:n_lead] if tensors else ()
     device = tensors[0].device if tensors else None
-    out = torch.empty(*lead, n_chunks, chunk, dtype=dtype, device=device)
+    if out is None:
+        out = torch.empty(*lead, n_chunks, chunk, dtype=dtype, device=device)
     rows = out.view(*lead, n_chunks * chunk)
     if zero_ranges:
         ends = zero_ranges[1::2]
@@ -74,6 +77,22 @@ def pack(
     if tensors:
         torch._foreach_copy_(dst, [t.reshape(*lead, -1) for t in tensors])
     return out
+
+
+# The op that graphs see: one opaque node whatever the number of tensors. Eager callers with
+# plain tensors may call _pack_into directly (the op's Python dispatch costs ~0.1 ms a call).
+@torch.library.custom_op("koala_func::pack", mutates_args=())
+def pack(
+    tensors: list[torch.Tensor],
+    starts: list[int],
+    zero_ranges: list[int],
+    n_chunks: int,
+    chunk: int,
+    n_lead: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`_pack_into` as one graph node."""
+    return _pack_into(tensors, starts, zero_ranges, n_chunks, chunk, n_lead, dtype)
 
 
 @pack.register_fake
@@ -256,31 +275,78 @@ class Layout:
             ]
         # as_strided, not slice-then-view: inductor lowers it to a view directly, where
         # simplifying the indexing of a reshaped slice costs ~10 ms per output at compile time.
-        lead_strides = list(flat.stride()[: len(lead)])
         # Under torch.compile the buffers viewed are fresh step outputs (offset 0), and
         # storage_offset() is not traceable.
         base = 0 if torch.compiler.is_compiling() else flat.storage_offset()
+        return [
+            flat.as_strided(shape, stride, base + offset)
+            for shape, stride, offset in self._view_geometry(
+                tuple(lead), flat.stride()[: len(lead)]
+            )
+        ]
+
+    def _view_geometry(self, lead: tuple, lead_strides: Sequence[int]) -> list[tuple]:
+        """``(shape, stride, offset in the buffer)`` of each tensor's view (see :meth:`views`)."""
+        C = self.chunk_size
         if lead:  # member rows: each tensor contiguous within its row
             return [
-                flat.as_strided((*lead, *shape), (*lead_strides, *dense), base + s * C)
+                ((*lead, *shape), (*lead_strides, *dense), s * C)
                 for s, shape, dense in zip(
                     self.starts, self.shapes, self._dense_strides, strict=True
                 )
             ]
         return [
-            flat.as_strided(shape, stride, base + s * C)
+            (shape, stride, s * C)
             for s, shape, stride in zip(self.starts, self.shapes, self.view_strides, strict=True)
         ]
+
+    def packed_base(
+        self, tensors: Sequence[torch.Tensor | None], n_lead: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The buffer ``[*lead, n_chunks, C]`` whose :meth:`views` ``tensors`` are, or ``None``.
+
+        Eager only: it compares storages, offsets and strides. A step fed its own outputs
+        (or :func:`koala_func.member_views`) then reads the buffer itself, with no packing copy.
+        """
+        first = tensors[0] if tensors else None
+        if first is None or first.dtype != dtype or first.dim() < n_lead:
+            return None
+        C, row = self.chunk_size, self.n_chunks * self.chunk_size
+        lead = tuple(first.shape[:n_lead])
+        buf_strides = _contiguous_strides((*lead, self.n_chunks, C))
+        origin = first.storage_offset() - self.starts[0] * C
+        storage = first.untyped_storage()
+        size = (origin + row * math.prod(lead)) * first.element_size()
+        if origin < 0 or size > storage.nbytes():
+            return None
+        ptr = storage.data_ptr()
+        for t, (shape, stride, offset) in zip(
+            tensors, self._view_geometry(lead, buf_strides[:n_lead]), strict=True
+        ):
+            if (
+                t is None
+                or t.dtype != dtype
+                or t.shape != shape
+                or t.stride() != stride
+                or t.storage_offset() != origin + offset
+                or t.untyped_storage().data_ptr() != ptr
+            ):
+                return None
+        return first.as_strided((*lead, self.n_chunks, C), buf_strides, origin)
 
     def pack(
         self,
         tensors: Sequence[torch.Tensor | None],
         dtype: torch.dtype | None = None,
         n_lead: int = 0,
+        *,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A new buffer holding ``tensors`` (``None``: a missing tensor, packed as zeros).
 
         Inside ``torch.compile`` this is one opaque node whatever the number of tensors.
+        ``out`` (a buffer of this layout) is written instead, by direct copies: for eager
+        callers with plain tensors (no custom-op dispatch; no vmap or compile support).
         """
         present, starts, zero = _pack_plan(
             self.starts,
@@ -291,7 +357,7 @@ class Layout:
         )
         if not present:
             raise ValueError("pack() needs at least one tensor")
-        return pack(
+        args = (
             [tensors[i] for i in present],
             starts,
             zero,
@@ -300,3 +366,4 @@ class Layout:
             n_lead,
             dtype or self.dtype,
         )
+        return pack(*args) if out is None else _pack_into(*args, out=out)

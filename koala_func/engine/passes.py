@@ -96,6 +96,7 @@ def run(
     sharded: Sequence[bool] | None = None,
     per_sample: bool = True,
     inplace: bool = False,
+    out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """One KOALA++ step over packed buffers.
 
@@ -114,9 +115,11 @@ def run(
         per_sample: the loss moments come from per-sample losses (else ``mean_sq`` is
             ``mean**2``, recomputed after ``reduce`` averages ``mean`` over ranks).
         inplace: write theta, v, h into the buffers and the block state into ``blocks``.
+        out: per layout, ``(theta, v, h)`` buffers to write the results into (recycled
+            buffers: fresh outputs pay page faults on CPU); the block state is returned.
 
     Returns:
-        per layout ``(theta, v, h)`` (the buffers themselves when ``inplace``), and the
+        per layout ``(theta, v, h)`` (the buffers written, with ``inplace`` or ``out``), and the
         :class:`~koala_func.engine.math.BlockUpdate` (``r`` is the R used).
 
     Examples:
@@ -147,9 +150,16 @@ def run(
     dots = {True: None, False: None}
     prepared = []
     for owner, buf, shard in zip(owners, bufs, sharded, strict=True):
-        theta, g, v, h = (t.to(cdt) for t in buf)
-        wd_c = _per_chunk(wd, owner) if decay else None
-        H = g + wd_c * theta if decay else g
+        lead = buf.g.shape[:-2]
+        # Leading member dims folded into the chunk dim: every product below then loops over
+        # the same [rows, C] range, which inductor fuses into one read of each buffer (with
+        # [E, n_chunks, C] for some and [E * n_chunks, C] for others it reads them twice).
+        theta, g, v, h = (t.to(cdt).reshape(-1, t.shape[-1]) for t in buf)
+        if decay:
+            wd_c = _per_chunk(wd, owner).expand(*lead, owner.shape[0], 1).reshape(-1, 1)
+            H = g + wd_c * theta
+        else:
+            H = g
         tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
         parts = torch.stack(
             [
@@ -162,10 +172,10 @@ def run(
                 tt,
             ],
             dim=-1,
-        )
+        ).view(*lead, -1, len(DOTS))
         d = _block_sums(parts, owner, n_blocks)
         dots[shard] = d if dots[shard] is None else dots[shard] + d
-        prepared.append((theta, g, v, h, H))
+        prepared.append((theta, g, v, h, H, lead))
 
     if reduce is not None:
         one = torch.ones_like(mean)
@@ -200,26 +210,29 @@ def run(
     coef = torch.stack(
         torch.broadcast_tensors(u.a, u.c, u.b, u.scale, u.scale * q, u.ok.to(cdt)), dim=-1
     )
-    out = []
-    for owner, buf, (theta, _g, v, h, H) in zip(owners, bufs, prepared, strict=True):
+    results = []
+    dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace else out
+    for i, (owner, buf, (theta, _g, v, h, H, lead)) in enumerate(
+        zip(owners, bufs, prepared, strict=True)
+    ):
         cf = coef if n_blocks == 1 else coef.index_select(-2, owner)
+        cf = cf.expand(*lead, owner.shape[0], cf.shape[-1]).reshape(-1, cf.shape[-1])
         a, c, b, scale, d, okf = cf.unsqueeze(-1).unbind(-2)
         ok = okf != 0
         v_new = a * v + c * H + b * h
         theta_new = theta - scale * v_new - d * H
-        new = (
-            torch.where(ok, theta_new, theta).to(buf.theta.dtype),
-            torch.where(ok, v_new, v).to(buf.v.dtype),
-            torch.where(ok, H, h).to(buf.h.dtype),
+        new = tuple(
+            torch.where(ok, x_new, x).to(dst.dtype).view(dst.shape)
+            for x_new, x, dst in ((theta_new, theta, buf.theta), (v_new, v, buf.v), (H, h, buf.h))
         )
-        if inplace:
-            for dst, src in zip((buf.theta, buf.v, buf.h), new, strict=True):
+        if dsts is not None:
+            for dst, src in zip(dsts[i], new, strict=True):
                 dst.copy_(src)
-            new = (buf.theta, buf.v, buf.h)
-        out.append(new)
+            new = tuple(dsts[i])
+        results.append(new)
     if inplace:
         for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
             # Through a 1-d view: inductor (torch 2.13, CPU) drops a copy_ into a 0-d float64
             # graph input.
             dst.view(-1).copy_(src.expand_as(dst).reshape(-1))
-    return out, u
+    return results, u
