@@ -211,7 +211,8 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
             method,
             STEP,
             fn,
-            roots=lambda: [box["state"], opt],
+            # the step too: its spare output buffers (CPU) are state the door keeps
+            roots=lambda: [box["state"], opt, step],
             own=lambda: [*box["params"].values(True, True), *grads.values(True, True)],
         )
     keys = list(params.keys(True, True))
