@@ -45,28 +45,21 @@ def choose_chunk_size(numels: Sequence[int], max_waste: float = 0.125) -> int:
     return CHUNK_SIZES[-1]
 
 
-def _pack_into(
-    tensors: list[torch.Tensor],
-    starts: list[int],
-    zero_ranges: list[int],
-    n_chunks: int,
-    chunk: int,
+def _fill(
+    out: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    starts: Sequence[int],
+    zero_ranges: Sequence[int],
     n_lead: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``tensors`` (each ``[*lead, *shape]``) copied into a new ``[*lead, n_chunks, chunk]``
-    (or into ``out``, eager callers only).
+    """``tensors`` (each ``[*lead, *shape]``) copied into ``out`` (``[*lead, n_chunks, C]``).
 
     Tensor ``i`` starts at chunk ``starts[i]``; ``zero_ranges`` (flat ``[begin, end, ...]``
     element offsets in a row: each tensor's padding, and every chunk of a missing tensor) are
     zeroed, so padding is zero. Nothing else is written twice.
     """
-    lead = tensors[0].shape[:n_lead] if tensors else ()
-    device = tensors[0].device if tensors else None
-    if out is None:
-        out = torch.empty(*lead, n_chunks, chunk, dtype=dtype, device=device)
-    rows = out.view(*lead, n_chunks * chunk)
+    lead, chunk = out.shape[:n_lead], out.shape[-1]
+    rows = out.view(*lead, -1)
     if zero_ranges:
         ends = zero_ranges[1::2]
         torch._foreach_zero_([rows[..., a:b] for a, b in zip(zero_ranges[::2], ends, strict=True)])
@@ -79,8 +72,8 @@ def _pack_into(
     return out
 
 
-# The op that graphs see: one opaque node whatever the number of tensors. Eager callers with
-# plain tensors may call _pack_into directly (the op's Python dispatch costs ~0.1 ms a call).
+# One opaque graph node whatever the number of tensors. Eager callers with plain tensors and
+# a buffer to fill call _fill directly (the op's Python dispatch costs ~0.1 ms a call).
 @torch.library.custom_op("koala_func::pack", mutates_args=())
 def pack(
     tensors: list[torch.Tensor],
@@ -91,8 +84,11 @@ def pack(
     n_lead: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """:func:`_pack_into` as one graph node."""
-    return _pack_into(tensors, starts, zero_ranges, n_chunks, chunk, n_lead, dtype)
+    """``tensors`` packed into a new ``[*lead, n_chunks, chunk]`` buffer (see :func:`_fill`)."""
+    lead = tensors[0].shape[:n_lead] if tensors else ()
+    device = tensors[0].device if tensors else None
+    out = torch.empty(*lead, n_chunks, chunk, dtype=dtype, device=device)
+    return _fill(out, tensors, starts, zero_ranges, n_lead)
 
 
 @pack.register_fake
@@ -307,6 +303,16 @@ class Layout:
 
         Eager only: it compares storages, offsets and strides. A step fed its own outputs
         (or :func:`koala_func.member_views`) then reads the buffer itself, with no packing copy.
+
+        Examples:
+            >>> import torch
+            >>> layout = Layout([(2, 3), (4,)], torch.float32, "cpu", chunk_size=4)
+            >>> flat = layout.pack([torch.ones(2, 3), torch.ones(4)])
+            >>> views = layout.views(flat)
+            >>> layout.packed_base(views, 0, torch.float32).data_ptr() == flat.data_ptr()
+            True
+            >>> layout.packed_base([v.clone() for v in views], 0, torch.float32) is None
+            True
         """
         first = tensors[0] if tensors else None
         if first is None or first.dtype != dtype or first.dim() < n_lead:
@@ -357,13 +363,9 @@ class Layout:
         )
         if not present:
             raise ValueError("pack() needs at least one tensor")
-        args = (
-            [tensors[i] for i in present],
-            starts,
-            zero,
-            self.n_chunks,
-            self.chunk_size,
-            n_lead,
-            dtype or self.dtype,
+        chosen = [tensors[i] for i in present]
+        if out is not None:
+            return _fill(out, chosen, starts, zero, n_lead)
+        return pack(
+            chosen, starts, zero, self.n_chunks, self.chunk_size, n_lead, dtype or self.dtype
         )
-        return pack(*args) if out is None else _pack_into(*args, out=out)
