@@ -24,7 +24,6 @@ A sweep is an ensemble whose members differ only in their hyperparameters: 16 le
 from __future__ import annotations
 
 import itertools
-import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from tensordict import TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters, check_state, check_step_inputs
 from koala_func.engine import Blocks, Buffers, Hyper
+from koala_func.engine.layout import SPARE
 from koala_func.functional import (
     KoalaPPTransform,
     engine_buffers,
@@ -314,9 +314,9 @@ class _EngineEnsembleStep:
     results) are read in place, others are packed by one copy each. The graph then has a
     handful of inputs whatever the number of tensors, so its guards, its compile time and
     its steady-state overhead do not grow with them. The results are views of new packed
-    buffers; on CPU those are recycled from earlier steps once nothing references them (a
-    fresh buffer pays a page fault per 4 KiB written). Traced inside a user's
-    ``torch.compile``, the step is the engine in that graph.
+    buffers (on CPU from :data:`koala_func.engine.layout.SPARE`: buffers of earlier results
+    that nothing references any more). Traced inside a user's ``torch.compile``, the step is
+    the engine in that graph.
     """
 
     def __init__(self, opt: KoalaPPTransform, *, fullgraph: bool = True, **compile_kwargs: Any):
@@ -344,7 +344,6 @@ class _EngineEnsembleStep:
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
-        self._spare = _Recycler()
 
     def __call__(self, params, grads, loss, state):
         if torch.compiler.is_compiling():
@@ -363,8 +362,11 @@ class _EngineEnsembleStep:
         n_blocks = len(blocks_of(keys, opt.granularity))
         check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
         opt._check_loss(loss, 1)
-        spare = self._spare
-        spare.begin()
+
+        def spare(layout, like, dtype):
+            return SPARE.empty(
+                (like.shape[0], layout.n_chunks, layout.chunk_size), dtype, like.device
+            )
 
         def packed(layout, tensors, dtype):
             # The buffer the tensors are views of, else a packed copy (None: all missing).
@@ -372,7 +374,7 @@ class _EngineEnsembleStep:
             if base is not None or all(t is None for t in tensors):
                 return base
             like = next(t for t in tensors if t is not None)
-            return layout.pack(tensors, dtype, 1, out=spare.take(layout, like, dtype))
+            return layout.pack(tensors, dtype, 1, out=spare(layout, like, dtype))
 
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
@@ -380,8 +382,7 @@ class _EngineEnsembleStep:
             bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, packed)
             outs = [
                 tuple(
-                    spare.take(layout, plan.params[idx[0]], b.dtype)
-                    for b in (buf.theta, buf.v, buf.h)
+                    spare(layout, plan.params[idx[0]], b.dtype) for b in (buf.theta, buf.v, buf.h)
                 )
                 for (layout, idx), buf in zip(plan.groups, bufs, strict=True)
             ]
@@ -406,49 +407,6 @@ class _EngineEnsembleStep:
             r_est=r_est,
             step=step,
         )
-
-
-class _Recycler:
-    """Packed buffers handed out again once nothing but this pool references them.
-
-    CPU only: there a fresh multi-megabyte buffer costs a page fault per 4 KiB on its first
-    write (glibc returns freed large blocks to the OS), about as much as the step itself for
-    an ensemble of small models. CUDA's caching allocator already reuses memory.
-    """
-
-    LIMIT = 16  # buffers kept per shape: about two steps' worth of outputs and packs
-
-    def __init__(self) -> None:
-        self._pool: dict[tuple, list[torch.Tensor]] = {}
-        self._taken: set[int] = set()
-
-    def begin(self) -> None:
-        """Start a step: what was taken before is free again once unreferenced."""
-        self._taken.clear()
-
-    def take(self, layout, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """An unreferenced ``[E, n_chunks, C]`` buffer (``E`` from ``like``), else a new one."""
-        shape = (*like.shape[:1], layout.n_chunks, layout.chunk_size)
-        if like.device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=like.device)
-        pool = self._pool.setdefault((shape, dtype), [])
-        for buf in pool:
-            if id(buf) not in self._taken and _unreferenced(buf):
-                self._taken.add(id(buf))
-                return buf
-        buf = torch.empty(shape, dtype=dtype)
-        if len(pool) < self.LIMIT:
-            pool.append(buf)
-            self._taken.add(id(buf))
-        return buf
-
-
-def _unreferenced(buf: torch.Tensor) -> bool:
-    """Nothing but the pool holds ``buf``: no view or other tensor on its storage (which
-    counts ``buf`` and the storage object asked), and no Python reference to ``buf`` itself
-    (a view's ``_base``) beyond the pool's list, the loop's name and this argument."""
-    storage_users = torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
-    return storage_users == 2 and sys.getrefcount(buf) <= 4
 
 
 def ensemble_train_step(

@@ -281,3 +281,32 @@ def test_layout_views_padding_and_errors():
     for t in out[0]:
         assert torch.count_nonzero(t[pad]) == 0
         assert not torch.equal(t[~pad], flat[~pad])
+
+
+def test_compiled_functional_step_reuses_only_dead_buffers():
+    """On CPU the compiled step packs into spare buffers of earlier steps (a fresh buffer pays
+    a page fault per 4 KiB): buffers come back once nothing references them, and results the
+    caller still holds are never written."""
+    from doors import COMPILED_F64, _td, functional_step, grads_and_losses, initial_params
+
+    from koala_func.engine.layout import SPARE
+
+    opt, step = functional_step(COMPILED_F64, "auto", True)
+    params = _td(initial_params(0, F64))
+    state = opt.init(params)
+    x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(4))
+    kept, ptrs = {}, []
+    for k in range(6):
+        grads, losses = grads_and_losses(params.flatten_keys(".").to_dict(), x, y)
+        params, state = step(params, _td(grads), losses, state)
+        ptrs.append(params["0", "weight"].untyped_storage().data_ptr())
+        if k == 1:  # the caller keeps this step's results
+            kept = {"p": params, "v": state.v, "copy": params.clone(), "v_copy": state.v.clone()}
+    assert SPARE.buffers()  # the packs came from the pool
+    assert ptrs[1] not in ptrs[2:]  # a held result is never handed out again
+    for name in NAMES:
+        key = tuple(name.split("."))
+        assert torch.equal(kept["p"][key], kept["copy"][key])
+        assert torch.equal(kept["v"][key], kept["v_copy"][key])
+    assert len(set(ptrs[2:])) < len(ptrs[2:])  # ... and dead ones do come back

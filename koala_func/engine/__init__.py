@@ -5,7 +5,7 @@ the ensembles, the sharded step) calls :func:`koala_func.engine.passes.run`; onl
 reference (:mod:`koala_func.reference`) implements the step separately.
 """
 
-from koala_func.engine.layout import Layout, choose_chunk_size
+from koala_func.engine.layout import Layout, choose_chunk_size, empty_cache
 from koala_func.engine.math import DOTS, BlockConfig, Hyper, block_update, loss_moments
 from koala_func.engine.passes import Blocks, Buffers, run
 
@@ -18,6 +18,7 @@ __all__ = [
     "Layout",
     "block_update",
     "choose_chunk_size",
+    "empty_cache",
     "loss_moments",
     "run",
 ]
