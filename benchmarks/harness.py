@@ -30,6 +30,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 import koala_func as kf
+from koala_func.engine.layout import SPARE
 
 from .authors_style import AuthorsStyleKoalaPP
 from .sets import ENSEMBLE_SIZES, SETS, ensemble_member, grads_of, module_of
@@ -211,8 +212,7 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
             method,
             STEP,
             fn,
-            # the step too: its spare output buffers (CPU) are state the door keeps
-            roots=lambda: [box["state"], opt, step],
+            roots=lambda: [box["state"], opt],
             own=lambda: [*box["params"].values(True, True), *grads.values(True, True)],
         )
     keys = list(params.keys(True, True))
@@ -253,6 +253,7 @@ def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=
             case = _copy_case(shapes, device)
         else:
             case = _torch_optim_case(method, mode, shapes, wd, device)
+        pooled = set(SPARE._buffers)
         t = time.perf_counter()
         case.fn()
         _sync(device)
@@ -261,6 +262,10 @@ def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=
         case.fn()
         _sync(device)
         case.warm_s = time.perf_counter() - t
+        # The spare packed buffers this case added to the CPU pool are memory its door keeps.
+        mine = [k for k in SPARE._buffers if k not in pooled]
+        roots = case.roots
+        case.roots = lambda: [*roots(), [SPARE._buffers[k] for k in mine]]
         return case
     except Exception as e:  # a door that fails is reported, not fatal
         last = traceback.extract_tb(e.__traceback__)[-1]

@@ -37,9 +37,12 @@ from koala_func.engine import Blocks, Buffers, Hyper
 from koala_func.engine.layout import SPARE
 from koala_func.functional import (
     KoalaPPTransform,
+    blocks_in,
+    blocks_out,
     engine_buffers,
     engine_plan,
     engine_run,
+    engine_state,
     engine_views,
     layouts_for,
     params_of,
@@ -334,7 +337,7 @@ class _EngineEnsembleStep:
                 1,
                 out=outs,
             )
-            return u.s, u.count, u.skipped, u.r.squeeze(-1), step + 1
+            return blocks_out(u), step + 1
 
         def members(params, grads, loss, state):
             return opt._step(params, grads, loss, state, n_lead=1)
@@ -386,27 +389,19 @@ class _EngineEnsembleStep:
                 )
                 for (layout, idx), buf in zip(plan.groups, bufs, strict=True)
             ]
-            s, count, skipped, r_est, step = self._packed(
+            block_state, step = self._packed(
                 [tuple(b) for b in bufs],
                 outs,
                 [layout.owner for layout, _ in plan.groups],
                 tuple(plan.present),
-                (state.s, state.count, state.skipped, state.r_est.unsqueeze(-1)),
+                tuple(blocks_in(state)),
                 state.step,
                 loss,
                 tuple(getattr(state.hyper, k) for k in _HYPER),
             )
             new = engine_views(plan, outs, 1)
-        return replace_leaves(params, new[0]), replace_fields(
-            state,
-            v=replace_leaves(state.v, new[1]),
-            h_prev=replace_leaves(state.h_prev, new[2]),
-            s=s,
-            count=count,
-            skipped=skipped,
-            r_est=r_est,
-            step=step,
-        )
+        v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])
+        return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
 
 def ensemble_train_step(

@@ -397,19 +397,23 @@ def engine_views(
 
 
 def engine_state(
-    state: KoalaPPState, v: TensorDictBase, h_prev: TensorDictBase, u: BlockUpdate
+    state: KoalaPPState,
+    v: TensorDictBase,
+    h_prev: TensorDictBase,
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    step: torch.Tensor,
 ) -> KoalaPPState:
-    """``state`` after a step: new ``v`` and ``h_prev``, the block state of ``u``."""
+    """``state`` after a step: new ``v`` and ``h_prev``, the new block state
+    (:func:`blocks_out`) and step count."""
+    s, count, skipped, r_est = blocks
     return replace_fields(
-        state,
-        v=v,
-        h_prev=h_prev,
-        s=u.s,
-        count=u.count,
-        skipped=u.skipped,
-        r_est=u.r.squeeze(-1),
-        step=state.step + 1,
+        state, v=v, h_prev=h_prev, s=s, count=count, skipped=skipped, r_est=r_est, step=step
     )
+
+
+def blocks_out(u: BlockUpdate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, count, skipped, r_est)`` after a step, as the state stores them."""
+    return u.s, u.count, u.skipped, u.r.squeeze(-1)
 
 
 def blocks_in(state: KoalaPPState) -> Blocks:
@@ -453,8 +457,9 @@ def engine_step(
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in plan.groups],
     )
     new = engine_views(plan, out, n_lead, like=(p_leaves, v_leaves, h_leaves))
+    v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])
     return replace_leaves(params, new[0]), engine_state(
-        state, replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2]), u
+        state, v, h_prev, blocks_out(u), state.step + 1
     )
 
 

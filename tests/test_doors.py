@@ -289,24 +289,24 @@ def test_compiled_functional_step_reuses_only_dead_buffers():
     caller still holds are never written."""
     from doors import COMPILED_F64, _td, functional_step, grads_and_losses, initial_params
 
-    from koala_func.engine.layout import SPARE
+    from koala_func.engine.layout import SPARE, empty_cache
 
+    empty_cache()  # spares of earlier tests would make the rotation longer than 6 steps
     opt, step = functional_step(COMPILED_F64, "auto", True)
     params = _td(initial_params(0, F64))
     state = opt.init(params)
     x = torch.randn(16, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
     y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(4))
-    kept, ptrs = {}, []
-    for k in range(6):
+    kept, sizes = {}, []
+    for k in range(7):
         grads, losses = grads_and_losses(params.flatten_keys(".").to_dict(), x, y)
         params, state = step(params, _td(grads), losses, state)
-        ptrs.append(params["0", "weight"].untyped_storage().data_ptr())
+        sizes.append(len(SPARE.buffers()))
         if k == 1:  # the caller keeps this step's results
             kept = {"p": params, "v": state.v, "copy": params.clone(), "v_copy": state.v.clone()}
-    assert SPARE.buffers()  # the packs came from the pool
-    assert ptrs[1] not in ptrs[2:]  # a held result is never handed out again
-    for name in NAMES:
+    # 4 packs a step: once the pool has its rotation, the last steps allocate nothing new
+    assert 0 < sizes[-1] == sizes[-3] < SPARE.limit
+    for name in NAMES:  # ... and no result that the caller holds was written
         key = tuple(name.split("."))
         assert torch.equal(kept["p"][key], kept["copy"][key])
         assert torch.equal(kept["v"][key], kept["v_copy"][key])
-    assert len(set(ptrs[2:])) < len(ptrs[2:])  # ... and dead ones do come back

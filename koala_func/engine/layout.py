@@ -123,7 +123,19 @@ SPARE = SparePool()
 
 
 def empty_cache() -> None:
-    """Release the spare CPU buffers that :data:`SPARE` keeps for reuse."""
+    """Release the spare CPU buffers that :data:`SPARE` keeps for reuse.
+
+    Buffers that tensors still live on are not freed by this (their tensors hold them); the
+    pool only forgets them, and later packs start from fresh buffers again.
+
+    Examples:
+        >>> import torch
+        >>> x = SPARE.empty((2, 16), torch.float32, "cpu")
+        >>> del x
+        >>> empty_cache()
+        >>> len(SPARE.buffers())
+        0
+    """
     SPARE.clear()
 
 
