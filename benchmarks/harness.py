@@ -244,6 +244,7 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
 
 def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=64) -> Case:
     """Build a case and call it twice (compiles, warms); a failure is kept as ``error``."""
+    pooled = set(SPARE._buffers)  # before building: stack_params already packs
     try:
         if method in ENSEMBLE_METHODS:
             case = _ensemble_case(method, members, wd, device)
@@ -253,7 +254,6 @@ def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=
             case = _copy_case(shapes, device)
         else:
             case = _torch_optim_case(method, mode, shapes, wd, device)
-        pooled = set(SPARE._buffers)
         t = time.perf_counter()
         case.fn()
         _sync(device)
