@@ -244,7 +244,7 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
 
 def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=64) -> Case:
     """Build a case and call it twice (compiles, warms); a failure is kept as ``error``."""
-    pooled = set(SPARE._buffers)  # before building: stack_params already packs
+    pooled = set(SPARE.keys())  # before building: stack_params already packs
     try:
         if method in ENSEMBLE_METHODS:
             case = _ensemble_case(method, members, wd, device)
@@ -263,9 +263,9 @@ def build_case(method: str, mode: str, shapes, wd: float, device="cpu", members=
         _sync(device)
         case.warm_s = time.perf_counter() - t
         # The spare packed buffers this case added to the CPU pool are memory its door keeps.
-        mine = [k for k in SPARE._buffers if k not in pooled]
+        mine = [k for k in SPARE.keys() if k not in pooled]
         roots = case.roots
-        case.roots = lambda: [*roots(), [SPARE._buffers[k] for k in mine]]
+        case.roots = lambda: [*roots(), SPARE.buffers(mine)]
         return case
     except Exception as e:  # a door that fails is reported, not fatal
         last = traceback.extract_tb(e.__traceback__)[-1]

@@ -34,7 +34,6 @@ from tensordict import TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters, check_state, check_step_inputs
 from koala_func.engine import Blocks, Buffers, Hyper
-from koala_func.engine.layout import SPARE
 from koala_func.functional import (
     KoalaPPTransform,
     blocks_in,
@@ -359,35 +358,19 @@ class _EngineEnsembleStep:
                 fn = _with_own_code(self._members, "ensemble_step")
                 self._traced = torch.compile(fn, **self._kwargs)
             return self._traced(params, grads, loss, state)
-        ensemble_size(params)
+        n = ensemble_size(params)
         check_step_inputs(keys, p_leaves, g_leaves, loss, 1)
         v_leaves, h_leaves = leaves(state.v), leaves(state.h_prev)
         n_blocks = len(blocks_of(keys, opt.granularity))
         check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
         opt._check_loss(loss, 1)
-
-        def spare(layout, like, dtype):
-            return SPARE.empty(
-                (like.shape[0], layout.n_chunks, layout.chunk_size), dtype, like.device
-            )
-
-        def packed(layout, tensors, dtype):
-            # The buffer the tensors are views of, else a packed copy (None: all missing).
-            base = layout.packed_base(tensors, 1, dtype)
-            if base is not None or all(t is None for t in tensors):
-                return base
-            like = next(t for t in tensors if t is not None)
-            return layout.pack(tensors, dtype, 1, out=spare(layout, like, dtype))
-
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]
-            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, packed)
+            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, _in_place)
             outs = [
-                tuple(
-                    spare(layout, plan.params[idx[0]], b.dtype) for b in (buf.theta, buf.v, buf.h)
-                )
-                for (layout, idx), buf in zip(plan.groups, bufs, strict=True)
+                tuple(layout.spare(n, dtype=b.dtype) for b in (buf.theta, buf.v, buf.h))
+                for (layout, _), buf in zip(plan.groups, bufs, strict=True)
             ]
             block_state, step = self._packed(
                 [tuple(b) for b in bufs],
@@ -402,6 +385,16 @@ class _EngineEnsembleStep:
             new = engine_views(plan, outs, 1)
         v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
+
+
+def _in_place(layout, tensors, dtype):
+    """The packed member buffer ``tensors`` are views of, else a packed copy into a spare
+    buffer (``None``: all missing, ``engine_buffers`` zeros them)."""
+    base = layout.packed_base(tensors, 1, dtype)
+    if base is not None or all(t is None for t in tensors):
+        return base
+    n = next(t for t in tensors if t is not None).shape[0]
+    return layout.pack(tensors, dtype, 1, out=layout.spare(n, dtype=dtype))
 
 
 def ensemble_train_step(

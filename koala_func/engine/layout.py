@@ -96,9 +96,14 @@ class SparePool:
             kept.append(buf)
             return _alias(buf)
 
-    def buffers(self) -> list[torch.Tensor]:
-        """Every buffer the pool keeps."""
-        return [b for kept in self._buffers.values() for b in kept]
+    def keys(self) -> list[tuple]:
+        """The ``(shape, dtype)`` of every kind of buffer the pool keeps."""
+        return list(self._buffers)
+
+    def buffers(self, keys: Sequence[tuple] | None = None) -> list[torch.Tensor]:
+        """Every buffer the pool keeps (of the kinds ``keys``, from :meth:`keys`)."""
+        chosen = self._buffers if keys is None else keys
+        return [b for k in chosen for b in self._buffers.get(k, [])]
 
     def clear(self) -> None:
         with self._lock:
@@ -346,6 +351,12 @@ class Layout:
         """A zero buffer ``[*lead, n_chunks, C]`` (padding must be zero)."""
         return torch.zeros(
             *lead, self.n_chunks, self.chunk_size, dtype=dtype or self.dtype, device=self.device
+        )
+
+    def spare(self, *lead: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A buffer ``[*lead, n_chunks, C]`` from :data:`SPARE`, contents arbitrary."""
+        return SPARE.empty(
+            (*lead, self.n_chunks, self.chunk_size), dtype or self.dtype, self.device
         )
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
