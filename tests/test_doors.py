@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from doors import (
+    COMPILED,
+    DOOR,
     DOORS,
     F64,
     NAMES,
@@ -15,6 +17,8 @@ from doors import (
     configs_for,
     truth_for,
 )
+
+from koala_func.engine import passes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,6 +105,29 @@ def assert_refused_blocks_unchanged(before, after, config, where):
 
 @pytest.mark.parametrize("door,config", _cases(configs_for))
 def test_door_matches_the_reference_step_by_step(door, config):
+    _check_against_truth(door, config)
+
+
+#: Eager engine doors, run in row tiles (koala_func.engine.passes.TILE, as large buffers run
+#: on CPU): the test model's buffers are split into tiles of two chunk rows, the last partial.
+TILED = [
+    (DOOR[name], config)
+    for name in ("functional-engine", "optim-engine", "ensemble-vmap-engine")
+    for config in (*COMPILED, checkpoint_configs(DOOR[name])[-1])
+]
+
+
+@pytest.mark.parametrize("door,config", TILED, ids=[f"{d.name}-{c.id}" for d, c in TILED])
+def test_eager_engine_in_row_tiles_matches_the_reference(door, config, monkeypatch):
+    monkeypatch.setattr(passes, "TILE", 40)
+    calls = []
+    tiles = passes._tiles
+    monkeypatch.setattr(passes, "_tiles", lambda g: calls.append(tiles(g)) or calls[-1])
+    _check_against_truth(door, config)
+    assert max(len(t) for t in calls) > 2  # the tiled path ran, in several tiles
+
+
+def _check_against_truth(door, config):
     runner = door.make(config)
     truth, tol = truth_for(door, config, runner)
     start = snapshot(runner)[0]

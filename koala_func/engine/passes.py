@@ -80,6 +80,29 @@ def _block_sums(parts: torch.Tensor, owner: torch.Tensor, n_blocks: int) -> torc
     return out.index_add(-2, owner, parts)
 
 
+#: Eager CPU steps run each pass over tiles of about this many elements per buffer: their
+#: temporaries stay in cache and are reused by the allocator, where a full-size temporary of a
+#: large buffer is a fresh mapping (a page fault per 4 KiB) each time.
+TILE = 1 << 18
+
+
+def _tiles(g: torch.Tensor) -> list[slice | None]:
+    """Row tiles of a ``[..., n_chunks, C]`` buffer; ``[None]``: all rows in one, flattened."""
+    if torch.compiler.is_compiling() or g.device.type != "cpu" or g.numel() <= TILE:
+        # compiled: one fused loop over all rows; CUDA: a caching allocator, fewer launches
+        return [None]
+    n_chunks = g.shape[-2]
+    step = max(1, TILE * n_chunks // g.numel())
+    return [slice(i, min(i + step, n_chunks)) for i in range(0, n_chunks, step)]
+
+
+def _rows(x: torch.Tensor, tile: slice | None) -> torch.Tensor:
+    """The rows of ``x`` (``[..., n_chunks, k]``) in ``tile``, keeping the leading dims; for
+    ``None`` every row, with the leading dims folded in: ``[rows, k]``. Every product then
+    loops over one range, which inductor fuses into one read of each buffer."""
+    return x.reshape(-1, x.shape[-1]) if tile is None else x[..., tile, :]
+
+
 def run(
     owners: Sequence[torch.Tensor],
     bufs: Sequence[Buffers],
@@ -145,37 +168,37 @@ def run(
     n_blocks = blocks.s.shape[-1]
     sharded = list(sharded) if sharded is not None else [False] * len(bufs)
     wd = hp.weight_decay.to(cdt)
+    # Per layout: the weight decay of each chunk [*lead, n_chunks, 1], and the row tiles.
+    wds = [
+        _per_chunk(wd, owner).expand(*b.g.shape[:-2], owner.shape[0], 1) if decay else None
+        for owner, b in zip(owners, bufs, strict=True)
+    ]
+    tiles = [_tiles(b.g) for b in bufs]
 
     # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart).
     dots = {True: None, False: None}
-    prepared = []
-    for owner, buf, shard in zip(owners, bufs, sharded, strict=True):
+    for owner, buf, wd_c, shard, layout_tiles in zip(
+        owners, bufs, wds, sharded, tiles, strict=True
+    ):
         lead = buf.g.shape[:-2]
-        # Leading member dims folded into the chunk dim: every product below then loops over
-        # the same [rows, C] range, which inductor fuses into one read of each buffer (with
-        # [E, n_chunks, C] for some and [E * n_chunks, C] for others it reads them twice).
-        theta, g, v, h = (t.to(cdt).reshape(-1, t.shape[-1]) for t in buf)
-        if decay:
-            wd_c = _per_chunk(wd, owner).expand(*lead, owner.shape[0], 1).reshape(-1, 1)
-            H = g + wd_c * theta
-        else:
-            H = g
-        tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
-        parts = torch.stack(
-            [
-                (g * g).sum(-1),
-                (H * H).sum(-1),
-                (H * h).sum(-1),
-                (H * v).sum(-1),
-                (h * h).sum(-1),
-                (h * v).sum(-1),
-                tt,
-            ],
-            dim=-1,
-        ).view(*lead, -1, len(DOTS))
-        d = _block_sums(parts, owner, n_blocks)
-        dots[shard] = d if dots[shard] is None else dots[shard] + d
-        prepared.append((theta, g, v, h, H, lead))
+        for tile in layout_tiles:
+            theta, g, v, h = (_rows(t, tile).to(cdt) for t in buf)
+            H = g if wd_c is None else g + _rows(wd_c, tile) * theta
+            tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
+            parts = torch.stack(
+                [
+                    (g * g).sum(-1),
+                    (H * H).sum(-1),
+                    (H * h).sum(-1),
+                    (H * v).sum(-1),
+                    (h * h).sum(-1),
+                    (h * v).sum(-1),
+                    tt,
+                ],
+                dim=-1,
+            ).view(*lead, -1, len(DOTS))
+            d = _block_sums(parts, owner if tile is None else owner[tile], n_blocks)
+            dots[shard] = d if dots[shard] is None else dots[shard] + d
 
     if reduce is not None:
         one = torch.ones_like(mean)
@@ -212,24 +235,39 @@ def run(
     )
     results = []
     dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace else out
-    for i, (owner, buf, (theta, _g, v, h, H, lead)) in enumerate(
-        zip(owners, bufs, prepared, strict=True)
+    for i, (owner, buf, wd_c, layout_tiles) in enumerate(
+        zip(owners, bufs, wds, tiles, strict=True)
     ):
+        kept = (buf.theta, buf.v, buf.h)
         cf = coef if n_blocks == 1 else coef.index_select(-2, owner)
-        cf = cf.expand(*lead, owner.shape[0], cf.shape[-1]).reshape(-1, cf.shape[-1])
-        a, c, b, scale, d, okf = cf.unsqueeze(-1).unbind(-2)
-        ok = okf != 0
-        v_new = a * v + c * H + b * h
-        theta_new = theta - scale * v_new - d * H
-        new = tuple(
-            torch.where(ok, x_new, x).to(dst.dtype).view(dst.shape)
-            for x_new, x, dst in ((theta_new, theta, buf.theta), (v_new, v, buf.v), (H, h, buf.h))
-        )
-        if dsts is not None:
-            for dst, src in zip(dsts[i], new, strict=True):
-                dst.copy_(src)
-            new = tuple(dsts[i])
-        results.append(new)
+        cf = cf.expand(*buf.g.shape[:-2], owner.shape[0], cf.shape[-1])
+        dst = dsts[i] if dsts is not None else None
+        if dst is None and layout_tiles != [None]:  # eager tiles write into new buffers
+            dst = tuple(torch.empty_like(t) for t in kept)
+        for tile in layout_tiles:
+            theta, g, v, h = (_rows(t, tile).to(cdt) for t in buf)
+            H = g if wd_c is None else g + _rows(wd_c, tile) * theta
+            a, c, b, scale, d, okf = _rows(cf, tile).unsqueeze(-1).unbind(-2)
+            ok = okf != 0
+            v_new = a * v + c * H + b * h
+            theta_new = theta - scale * v_new - d * H
+            new = (
+                torch.where(ok, theta_new, theta),
+                torch.where(ok, v_new, v),
+                torch.where(ok, H, h),
+            )
+            if dst is None:  # compiled, functional: the results are the new tensors
+                results.append(
+                    tuple(x.to(t.dtype).view(t.shape) for x, t in zip(new, kept, strict=True))
+                )
+                continue
+            for into, x in zip(dst, new, strict=True):
+                if tile is None:
+                    into.copy_(x.view(into.shape))
+                else:
+                    into[..., tile, :].copy_(x)
+        if dst is not None:
+            results.append(tuple(dst))
     if inplace:
         for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
             # Through a 1-d view: inductor (torch 2.13, CPU) drops a copy_ into a 0-d float64
