@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -122,6 +123,39 @@ def _compiled_step() -> Callable:
     if fn is None:
         fn = _COMPILED["step"] = torch.compile(_packed_step, fullgraph=True)
     return fn
+
+
+# Which KoalaPP optimizes a parameter, by id: (weakref to the parameter, weakref to the
+# optimizer). Weak both ways: the registry keeps neither alive.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+_HOOK: list = []
+
+
+def _own(opt: KoalaPP, p: torch.Tensor) -> None:
+    key = id(p)
+    _OWNERS[key] = (weakref.ref(p, lambda _, key=key: _OWNERS.pop(key, None)), weakref.ref(opt))
+    if not _HOOK:
+        hook = torch.nn.modules.module.register_module_parameter_registration_hook
+        _HOOK.append(hook(_on_parameter_registered))
+
+
+def _owner_of(p: torch.Tensor) -> KoalaPP | None:
+    found = _OWNERS.get(id(p))
+    if found is None or found[0]() is not p:
+        return None
+    return found[1]()
+
+
+def _on_parameter_registered(module: torch.nn.Module, name: str, param) -> None:
+    """A module's Parameter object is replaced (``load_state_dict(..., assign=True)``,
+    ``module.weight = nn.Parameter(...)``): the optimizer of the old one takes the new one,
+    with the old one's state, where torch.optim would keep updating the detached old object."""
+    old = module._parameters.get(name) if param is not None else None
+    if old is None or old is param:
+        return
+    opt = _owner_of(old)
+    if opt is not None and _owner_of(param) is None:  # a parameter tied to one of ours: keep
+        opt._replace_parameter(old, param)
 
 
 class KoalaPP(torch.optim.Optimizer):
@@ -268,6 +302,7 @@ class KoalaPP(torch.optim.Optimizer):
         """(Re)create every buffer and view from the current parameters and state."""
         for group in self.param_groups:
             for p in group["params"]:
+                _own(self, p)
                 if p not in self.state or not self.state[p]:
                     self.state[p] = _fresh_state(p, group)
             if group["granularity"] == "global" and self._impl == "reference":
@@ -277,6 +312,18 @@ class KoalaPP(torch.optim.Optimizer):
         if self._impl == "engine":
             with torch.no_grad():
                 self._packed = _Packed(self)
+
+    def _replace_parameter(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Optimize ``new`` in place of ``old``, continuing from ``old``'s state; the buffers
+        are re-packed at the next step (``new``'s values become its data)."""
+        for group in self.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        _OWNERS.pop(id(old), None)
+        _own(self, new)
+        if self._packed is not None:
+            self._packed.replaced = True
 
     # ------------------------------------------------------------------- loss
     def observe_loss(self, loss: torch.Tensor | float) -> None:
@@ -595,6 +642,7 @@ class _Packed:
         self.hyper = torch.zeros(len(groups), len(HYPERPARAMETERS), dtype=cdt, device=dev)
         self._hyper_values: list | None = None  # the Python values last written into hyper
         self._local_slots = [s for s in self.slots if not s.dtensor]
+        self.replaced = False  # a parameter object was replaced (_replace_parameter)
         # What stale() compares against: where our views point, as built.
         self._ptrs = [s.theta.data_ptr() for s in self._local_slots]
         self._gptrs = [s.grad.data_ptr() for s in self._local_slots]
@@ -631,8 +679,9 @@ class _Packed:
         )
 
     def stale(self) -> bool:
-        """Whether a parameter's data, a group's structure or the groups were changed."""
-        if self._structure() != self.structure:
+        """Whether a parameter (its object or its data), a group's structure or the groups
+        were changed."""
+        if self.replaced or self._structure() != self.structure:
             return True
         n = sum(len(g["params"]) for g in self.opt.param_groups)
         if n != len(self.slots):

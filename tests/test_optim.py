@@ -395,13 +395,27 @@ def test_replaced_data_and_dtype_are_repacked_never_stale():
     _train(m2, o2, 1)
     assert_close_models(m1, m2, 1e-12)
     assert not torch.equal(m1[0].weight, new_w)  # the new data was updated, not the old buffer
-    # load_state_dict(assign=True) swaps in new tensors too
+
+    # load_state_dict(assign=True) swaps in new Parameter objects: both doors take them over,
+    # with the old ones' state (torch.optim would keep updating the detached old objects)
     sd = {k: v.clone() + 0.01 for k, v in m2.state_dict().items()}
     for m in (m1, m2):
         m.load_state_dict(sd, assign=True)
+    loaded = {k: v.clone() for k, v in m1.state_dict().items()}
+    for m, o in ((m1, o1), (m2, o2)):
+        mine = {id(p) for g in o.param_groups for p in g["params"]}
+        assert mine == {id(p) for p in m.parameters()}
     _train(m1, o1, 2)
     _train(m2, o2, 2)
     assert_close_models(m1, m2, 1e-12)
+    for name, p in m1.named_parameters():
+        assert not torch.equal(p, loaded[name]), f"{name}: the loaded parameter did not move"
+    assert all(int(o1.state[p]["step"]) == 3 for p in m1.parameters())  # state carried over
+    # a module attribute re-pointed at another parameter of ours (tying) changes nothing
+    detached = m1[2].weight
+    m1[2].weight = m1[0].weight
+    mine = [p for g in o1.param_groups for p in g["params"]]
+    assert len(mine) == 4 and any(p is detached for p in mine)
 
 
 def test_model_to_another_dtype_after_construction():
