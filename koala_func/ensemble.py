@@ -34,6 +34,7 @@ from tensordict import TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters, check_state, check_step_inputs
 from koala_func.engine import Blocks, Buffers, Hyper
+from koala_func.engine.layout import pack_in_graph
 from koala_func.functional import (
     KoalaPPTransform,
     blocks_in,
@@ -324,12 +325,15 @@ class _EngineEnsembleStep:
     def __init__(self, opt: KoalaPPTransform, *, fullgraph: bool = True, **compile_kwargs: Any):
         self.opt = opt
 
-        def packed_step(bufs, outs, owners, present, blocks, step, loss, hyper):
+        def packed_step(bufs, specs, outs, owners, present, blocks, step, loss, hyper):
             _, u = engine_run(
                 opt,
                 owners,
                 present,
-                [Buffers(*b) for b in bufs],
+                [
+                    Buffers(*map(_packed, b, (spec,) * 4, (t.dtype, t.dtype, v.dtype, h.dtype)))
+                    for b, spec, (t, v, h) in zip(bufs, specs, outs, strict=True)
+                ],
                 Blocks(*blocks),
                 Hyper(*(x.unsqueeze(-1) for x in hyper)),
                 loss,
@@ -368,12 +372,14 @@ class _EngineEnsembleStep:
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]
             bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, _in_place)
+            dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
             outs = [
-                tuple(layout.spare(n, dtype=b.dtype) for b in (buf.theta, buf.v, buf.h))
-                for (layout, _), buf in zip(plan.groups, bufs, strict=True)
+                (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
+                for (layout, _), sd in zip(plan.groups, dtypes, strict=True)
             ]
             block_state, step = self._packed(
                 [tuple(b) for b in bufs],
+                [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups],
                 outs,
                 [layout.owner for layout, _ in plan.groups],
                 tuple(plan.present),
@@ -388,13 +394,25 @@ class _EngineEnsembleStep:
 
 
 def _in_place(layout, tensors, dtype):
-    """The packed member buffer ``tensors`` are views of, else a packed copy into a spare
-    buffer (``None``: all missing, ``engine_buffers`` zeros them)."""
+    """The packed member buffer ``tensors`` are views of; else, for a small layout
+    (``Layout.fuses_pack``), the tensors as a tuple, which the compiled graph packs fused into
+    its kernels (no packed copy); else a packed copy into a spare buffer (``None``: all
+    missing, ``engine_buffers`` zeros them)."""
     base = layout.packed_base(tensors, 1, dtype)
     if base is not None or all(t is None for t in tensors):
         return base
     n = next(t for t in tensors if t is not None).shape[0]
+    if layout.fuses_pack(n):
+        return tuple(tensors)
     return layout.pack(tensors, dtype, 1, out=layout.spare(n, dtype=dtype))
+
+
+def _packed(x, spec: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a packed buffer, inside the compiled graph: a tuple of tensors is packed
+    (``spec``: the layout's chunk counts and chunk size)."""
+    if isinstance(x, tuple):
+        return pack_in_graph(x, *spec, dtype, 1)
+    return x
 
 
 def ensemble_train_step(

@@ -9,6 +9,7 @@ import torch
 from conftest import ce_per_sample, make_data, make_mlp
 from tensordict import TensorDict
 
+import koala_func.ensemble as ke
 from koala_func import koala_pp, value_and_grad
 from koala_func.ensemble import (
     ensemble_init,
@@ -228,9 +229,19 @@ def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
     hyper = member_hyper(ensemble_size(params))
     run_ensemble(step, opt, params, hyper, 1, True)  # warm
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    # a pack: an eager Layout.pack, or tensors handed to the graph to pack (a small layout)
     packs = []
     original = Layout.pack
     monkeypatch.setattr(Layout, "pack", lambda *a, **k: packs.append(1) or original(*a, **k))
+    in_place = ke._in_place
+
+    def counted(*args):
+        found = in_place(*args)
+        if isinstance(found, tuple):
+            packs.append(1)
+        return found
+
+    monkeypatch.setattr(ke, "_in_place", counted)
     ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
     # ensemble_init packs v and h_prev; the first step packs the contiguous params, then each
     # step packs its gradients

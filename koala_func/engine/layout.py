@@ -209,6 +209,39 @@ def _pack_vmap(info, in_dims, tensors, starts, zero_ranges, n_chunks, chunk, n_l
 torch.library.register_vmap("koala_func::pack", _pack_vmap)
 
 
+#: The ensemble door packs the inputs of a layout of at most this many tensors, of at most
+#: :data:`FUSED_PACK_NUMEL` elements in all, inside its compiled graph by graph ops
+#: (:func:`pack_in_graph`): inductor writes the packed buffer in the same kernel that reads
+#: it, where an eager pack is one more pass over memory before the graph runs. More tensors
+#: would add graph inputs and nodes per tensor (compile time growing with them), and a
+#: larger buffer that inductor allocates would be a fresh allocation per step (page faults
+#: on CPU) where the eager pack fills a pooled one.
+FUSED_PACK_TENSORS = 8
+FUSED_PACK_NUMEL = 1 << 22
+
+
+def pack_in_graph(
+    tensors: Sequence[torch.Tensor | None],
+    counts: Sequence[int],
+    chunk: int,
+    dtype: torch.dtype,
+    n_lead: int,
+) -> torch.Tensor:
+    """What :func:`pack` computes (tensor ``i`` in ``counts[i]`` chunks of ``chunk``, zero
+    padding, ``None`` as zeros), as plain graph ops for inductor to fuse into one kernel."""
+    first = next(t for t in tensors if t is not None)
+    lead = first.shape[:n_lead]
+    parts = []
+    for t, count in zip(tensors, counts, strict=True):
+        if t is None:
+            parts.append(first.new_zeros((*lead, count, chunk), dtype=dtype))
+            continue
+        flat = t.reshape(*lead, -1).to(dtype)
+        flat = torch.nn.functional.pad(flat, (0, count * chunk - flat.shape[-1]))
+        parts.append(flat.view(*lead, count, chunk))
+    return torch.cat(parts, dim=-2)
+
+
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, acc = [], 1
     for n in reversed(shape):
@@ -359,6 +392,14 @@ class Layout:
             (*lead, self.n_chunks, self.chunk_size), dtype or self.dtype, self.device
         )
 
+    def fuses_pack(self, members: int = 1) -> bool:
+        """Whether the ensemble door packs this layout inside its compiled graph
+        (``members``: the product of the leading dims), see :data:`FUSED_PACK_TENSORS`."""
+        return (
+            self.n_tensors <= FUSED_PACK_TENSORS
+            and members * self.n_chunks * self.chunk_size <= FUSED_PACK_NUMEL
+        )
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views into ``flat`` (``[*lead, n_chunks, C]``) shaped like each tensor; no copy."""
         if flat.shape[-2:] != (self.n_chunks, self.chunk_size):
@@ -459,6 +500,7 @@ class Layout:
         ``out`` (a buffer of this layout) is written instead, by direct copies: for eager
         callers with plain tensors (no custom-op dispatch; no vmap or compile support).
         """
+        dtype = dtype or self.dtype
         present, starts, zero = _pack_plan(
             self.starts,
             self.counts,
@@ -471,6 +513,4 @@ class Layout:
         chosen = [tensors[i] for i in present]
         if out is not None:
             return _fill(out, chosen, starts, zero, n_lead)
-        return pack(
-            chosen, starts, zero, self.n_chunks, self.chunk_size, n_lead, dtype or self.dtype
-        )
+        return pack(chosen, starts, zero, self.n_chunks, self.chunk_size, n_lead, dtype)
