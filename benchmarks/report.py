@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import cold_compile, harness
+from . import cold_compile, fresh_pages, harness
 from .harness import (
     ADAM,
     ADAM_LOOP,
@@ -95,6 +95,14 @@ def measure(args, log=print) -> dict:
             out["recompiles"][label] = cold_compile.graphs_over_steps(variant)
         except Exception as e:  # reported, not fatal
             out["recompiles"][label] = f"failed: {type(e).__name__}: {e}"[:200]
+    out["fresh_pages"] = []
+    for s in args.fresh_pages_sets:
+        for thp in (False, True):
+            log(f"[fresh pages] {s}, {fresh_pages.VAR}={int(thp)} (fresh process)")
+            r = fresh_pages.measure(s, thp, args.fresh_pages_methods, min(args.reps, 10))
+            out["fresh_pages"].append({"set": s, **r})
+            if "error" in r:
+                log("  " + r["error"])
     if args.passes:
         from . import bench_passes
 
@@ -511,6 +519,7 @@ def markdown(res, command: str) -> str:
                 "needs fewer passes over memory, not less overhead.",
                 "",
             ]
+    L += fresh_pages_section(res)
     L += [
         "## GPU",
         "",
@@ -522,6 +531,52 @@ def markdown(res, command: str) -> str:
         "",
     ]
     return "\n".join(L)
+
+
+def fresh_pages_section(res) -> list[str]:
+    """The doors with ``THP_MEM_ALLOC_ENABLE`` 0 and 1, one fresh process each."""
+    runs = res.get("fresh_pages") or []
+    if not runs:
+        return []
+    L = [
+        "## On CPU: fresh pages",
+        "",
+        "A fresh CPU buffer of more than a few megabytes pays a page fault for every 4 KiB on "
+        "its first write. Doors that allocate their results every step pay it every step; "
+        "in-place ones do not. PyTorch can back CPU allocations of 2 MiB and more with "
+        f"transparent huge pages: `{fresh_pages.VAR}=1` in the environment before the "
+        "process allocates its first tensor. Each column below is one fresh process "
+        f"(`python -m benchmarks.fresh_pages SET 0|1`), weight decay 5e-4, step only; *x Adam* "
+        "is the median per-round ratio to `Adam(fused=True)` in the same process.",
+        "",
+        f"| set | door | {fresh_pages.VAR}=0 ms | x Adam | =1 ms | x Adam |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for set_name in dict.fromkeys(r["set"] for r in runs):
+        cols = {r["thp"]: r for r in runs if r["set"] == set_name}
+        if any("error" in r for r in cols.values()):
+            errors = "; ".join(r["error"] for r in cols.values() if "error" in r)
+            L.append(f"| {set_name} | failed: {errors} |||||")
+            continue
+        by = {thp: {row["method"]: row for row in r["rows"]} for thp, r in cols.items()}
+        for method in by[False]:
+            cells = []
+            for thp in (False, True):
+                row, base = by[thp].get(method), by[thp].get(ADAM)
+                if not row or not row["median_s"]:
+                    cells += [(row or {}).get("error") or "n/a", ""]
+                    continue
+                x = paired(row, base) if base and base["median_s"] else None
+                cells += [_ms(row["median_s"]), f"{x:.2f}" if x else ""]
+            L.append(f"| {set_name} | {method} | " + " | ".join(cells) + " |")
+    L += [
+        "",
+        "The library does not set the variable: it changes how the whole process allocates, "
+        "and steps that allocate many short-lived temporaries can be slower with it (compare "
+        "the rows). See [gotchas](gotchas.md#on-cpu-fresh-buffers-pay-page-faults).",
+        "",
+    ]
+    return L
 
 
 def plot(res, path: Path) -> bool:
@@ -601,6 +656,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compile-timeout", type=float, default=240, help="seconds per process")
     p.add_argument("--compile-members", type=int, default=8, help="ensemble size, cold compile")
     p.add_argument("--no-passes", dest="passes", action="store_false")
+    p.add_argument(
+        "--fresh-pages-sets", nargs="*", default=["resnet18"], help="[] to skip that section"
+    )
+    p.add_argument("--fresh-pages-methods", nargs="+", default=list(fresh_pages.PLAN))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "benchmarks.json")

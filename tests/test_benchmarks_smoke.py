@@ -26,6 +26,8 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
             [
                 "--reps", "2", "--sets", "tiny12", "ensemble", "--members", "3", "--full-plan",
                 "--compile-tensors", "3", "--compile-doors", "functional", "--no-passes",
+                "--fresh-pages-sets", "mlp", "--fresh-pages-methods", harness.ADAM,
+                harness.KOALA_EAGER,
                 "--threads", "1", "--out", str(tmp_path / "b.md"),
                 "--json", str(tmp_path / "b.json"), "--img", str(tmp_path / "b.png"),
                 "--readme", str(readme),
@@ -47,6 +49,13 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
     text = (tmp_path / "b.md").read_text()
     for heading in ("## Targets (issue 10)", "## Step time", "## Cold compile", "## Method"):
         assert heading in text
+    # the doors with transparent huge pages off and on, each in a fresh process
+    assert [(r["set"], r["thp"]) for r in res["fresh_pages"]] == [("mlp", False), ("mlp", True)]
+    for run in res["fresh_pages"]:
+        assert "error" not in run, run
+        assert [r["method"] for r in run["rows"]] == [harness.ADAM, harness.KOALA_EAGER]
+        assert all(r["median_s"] > 0 for r in run["rows"])
+    assert f"| mlp | {harness.KOALA_EAGER} | " in text
     for method, mode in plan:
         assert f"| {method} | {mode} |" in text
     assert "| target | measured | target | met | note |" in text
