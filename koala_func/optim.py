@@ -125,37 +125,45 @@ def _compiled_step() -> Callable:
     return fn
 
 
-# Which KoalaPP optimizes a parameter, by id: (weakref to the parameter, weakref to the
-# optimizer). Weak both ways: the registry keeps neither alive.
-_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+# The KoalaPPs that optimize a parameter, by its id: (a weakref to the parameter, a WeakSet
+# of optimizers). Weak both ways: the registry keeps neither alive.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
 _HOOK: list = []
 
 
+def _owners_of(p: torch.Tensor) -> list[KoalaPP]:
+    found = _OWNERS.get(id(p))
+    return [] if found is None or found[0]() is not p else list(found[1])
+
+
 def _own(opt: KoalaPP, p: torch.Tensor) -> None:
-    key = id(p)
-    _OWNERS[key] = (weakref.ref(p, lambda _, key=key: _OWNERS.pop(key, None)), weakref.ref(opt))
+    found = _OWNERS.get(id(p))
+    if found is None or found[0]() is not p:
+        key = id(p)
+        found = (weakref.ref(p, lambda _, key=key: _OWNERS.pop(key, None)), weakref.WeakSet())
+        _OWNERS[key] = found
+    found[1].add(opt)
     if not _HOOK:
         hook = torch.nn.modules.module.register_module_parameter_registration_hook
         _HOOK.append(hook(_on_parameter_registered))
 
 
-def _owner_of(p: torch.Tensor) -> KoalaPP | None:
+def _disown(opt: KoalaPP, p: torch.Tensor) -> None:
     found = _OWNERS.get(id(p))
-    if found is None or found[0]() is not p:
-        return None
-    return found[1]()
+    if found is not None and found[0]() is p:
+        found[1].discard(opt)
 
 
 def _on_parameter_registered(module: torch.nn.Module, name: str, param) -> None:
     """A module's Parameter object is replaced (``load_state_dict(..., assign=True)``,
-    ``module.weight = nn.Parameter(...)``): the optimizer of the old one takes the new one,
+    ``module.weight = nn.Parameter(...)``): each optimizer of the old one takes the new one,
     with the old one's state, where torch.optim would keep updating the detached old object."""
     old = module._parameters.get(name) if param is not None else None
     if old is None or old is param:
         return
-    opt = _owner_of(old)
-    if opt is not None and _owner_of(param) is None:  # a parameter tied to one of ours: keep
-        opt._replace_parameter(old, param)
+    for opt in _owners_of(old):
+        if opt not in _owners_of(param):  # a parameter tied to one of its own: leave it
+            opt._replace_parameter(old, param)
 
 
 class KoalaPP(torch.optim.Optimizer):
@@ -320,7 +328,7 @@ class KoalaPP(torch.optim.Optimizer):
             group["params"] = [new if p is old else p for p in group["params"]]
         if old in self.state:
             self.state[new] = self.state.pop(old)
-        _OWNERS.pop(id(old), None)
+        _disown(self, old)
         _own(self, new)
         if self._packed is not None:
             self._packed.replaced = True

@@ -418,6 +418,26 @@ def test_replaced_data_and_dtype_are_repacked_never_stale():
     assert len(mine) == 4 and any(p is detached for p in mine)
 
 
+def test_parameter_registry_keeps_nothing_alive():
+    """The registry behind the take-over (parameter -> its optimizers) holds weak references
+    only: a dropped optimizer is freed, and a new one over the same parameters takes over."""
+    import gc
+    import weakref
+
+    from koala_func.optim import _owners_of
+
+    m = make_model(dtype=torch.float64)
+    opt = KoalaPP(m.parameters(), lr=0.5, compile=False)
+    gone = weakref.ref(opt)
+    assert all(_owners_of(p) == [opt] for p in m.parameters())
+    del opt
+    gc.collect()
+    assert gone() is None and all(_owners_of(p) == [] for p in m.parameters())
+    opt = KoalaPP(m.parameters(), lr=0.5, compile=False)
+    m[0].weight = torch.nn.Parameter(m[0].weight.detach().clone())
+    assert any(p is m[0].weight for p in opt.param_groups[0]["params"])
+
+
 def test_model_to_another_dtype_after_construction():
     m1 = make_model(dtype=torch.float32)
     o1 = KoalaPP(m1.parameters(), lr=0.5, compile=False)

@@ -103,6 +103,14 @@ def _rows(x: torch.Tensor, tile: slice | None) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if tile is None else x[..., tile, :]
 
 
+def _inputs(buf: Buffers, wd_c: torch.Tensor | None, tile: slice | None, cdt: torch.dtype):
+    """``theta, g, v, h`` of ``tile`` in the compute dtype, and ``H = g + wd * theta``
+    (``wd_c``: the weight decay per chunk; ``None``: none)."""
+    theta, g, v, h = (_rows(t, tile).to(cdt) for t in buf)
+    H = g if wd_c is None else g + _rows(wd_c, tile) * theta
+    return theta, g, v, h, H
+
+
 def run(
     owners: Sequence[torch.Tensor],
     bufs: Sequence[Buffers],
@@ -182,8 +190,7 @@ def run(
     ):
         lead = buf.g.shape[:-2]
         for tile in layout_tiles:
-            theta, g, v, h = (_rows(t, tile).to(cdt) for t in buf)
-            H = g if wd_c is None else g + _rows(wd_c, tile) * theta
+            theta, g, v, h, H = _inputs(buf, wd_c, tile, cdt)
             tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
             parts = torch.stack(
                 [
@@ -245,8 +252,7 @@ def run(
         if dst is None and layout_tiles != [None]:  # eager tiles write into new buffers
             dst = tuple(torch.empty_like(t) for t in kept)
         for tile in layout_tiles:
-            theta, g, v, h = (_rows(t, tile).to(cdt) for t in buf)
-            H = g if wd_c is None else g + _rows(wd_c, tile) * theta
+            theta, _, v, h, H = _inputs(buf, wd_c, tile, cdt)
             a, c, b, scale, d, okf = _rows(cf, tile).unsqueeze(-1).unbind(-2)
             ok = okf != 0
             v_new = a * v + c * H + b * h
