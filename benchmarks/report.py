@@ -525,7 +525,9 @@ def markdown(res, command: str) -> str:
         "",
         "`python benchmarks/gpu_check.py` (parity of every door against the reference in "
         "float32 and bfloat16 on CUDA, the doors against `AdamW(fused=True)`, the CUDA-graph "
-        "recipe) was not run for this page: there is no CUDA device on this machine.",
+        "recipe) was not run for this page: there is no CUDA device on this machine. The "
+        "same checks run on the CPU in the tests (`--device cpu --quick`, a dry run of the "
+        "script; CUDA graphs excepted).",
         "",
         "![benchmarks](img/benchmarks.png)",
         "",

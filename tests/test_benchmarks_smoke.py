@@ -90,6 +90,24 @@ def test_gpu_check_without_cuda_says_so_and_exits_0():
     assert "no CUDA device" in proc.stdout
 
 
+def test_gpu_check_dry_run_on_cpu_passes_every_check():
+    """The GPU script, run on the CPU (``--device cpu --quick``): every parity check passes
+    (not vacuously: bfloat16 is within its own reference's error of float64) and every door
+    is timed, so a session that is lent a GPU gets a working script."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| parity:")]
+    assert len(rows) == 10, proc.stdout  # 5 doors, float32 and bfloat16
+    assert all("| pass (limit" in r for r in rows), rows
+    times = [line for line in proc.stdout.splitlines() if line.startswith("| time:")]
+    assert len(times) == 3 and all(r.rstrip(" |").endswith("x") for r in times), times
+
+
 def test_cold_compile_reports_a_failure_instead_of_raising():
     res = cold_compile.measure("functional", 3, timeout=0.01)
     assert res["door"] == "functional" and "error" in res
