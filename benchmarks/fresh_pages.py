@@ -1,14 +1,22 @@
-"""What fresh pages cost on CPU: the doors, with PyTorch's transparent huge pages off and on.
+"""What fresh pages cost on CPU: the doors under three settings of the process's allocator.
 
-    python -m benchmarks.fresh_pages resnet18 0     # one process, THP_MEM_ALLOC_ENABLE=0
+    python -m benchmarks.fresh_pages resnet18 thp     # one process, THP_MEM_ALLOC_ENABLE=1
 
 A fresh CPU buffer of more than a few megabytes is a new mapping: its first write pays a page
 fault for every 4 KiB. Doors that allocate their results every step (the functional door's
 outputs, the reference step's temporaries) pay that each step; in-place ones (``KoalaPP``,
-``Adam(fused=True)``) do not. PyTorch's CPU allocator can back allocations of 2 MiB and more
-with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read once, at the first allocation):
-a fault per 2 MiB instead. :func:`measure` runs :func:`worker` in a fresh interpreter with
-the variable set to 0 or 1, so the two settings are timed the same way; report.py shows both.
+``Adam(fused=True)``) do not. Two settings of the environment avoid most of it (both are read
+once, when the process starts or at its first allocation, and both apply to the whole
+process):
+
+- ``THP_MEM_ALLOC_ENABLE=1``: PyTorch backs CPU allocations of 2 MiB and more with
+  transparent huge pages, a fault per 2 MiB instead;
+- ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...:glibc.malloc.trim_threshold=...``: glibc
+  serves large blocks from its heap and keeps freed memory there (no new mapping, no fault),
+  at the price of never handing freed memory back to the system.
+
+:func:`measure` runs :func:`worker` in a fresh interpreter under one of :data:`CONFIGS`, so
+the settings are timed the same way; report.py shows them side by side.
 """
 
 from __future__ import annotations
@@ -21,6 +29,13 @@ import sys
 from .cold_compile import ROOT
 
 VAR = "THP_MEM_ALLOC_ENABLE"
+GLIBC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+#: name: (the environment it sets, how the report's columns name it)
+CONFIGS = {
+    "default": ({VAR: "0"}, f"{VAR}=0 (default)"),
+    "thp": ({VAR: "1"}, f"{VAR}=1"),
+    "glibc": ({VAR: "0", "GLIBC_TUNABLES": GLIBC}, "glibc keeps freed memory"),
+}
 PLAN = (
     "Adam(fused=True)",
     "KoalaPP",
@@ -42,22 +57,23 @@ def worker(set_name: str, methods: list[str], reps: int) -> list[dict]:
     return [{k: r.get(k) for k in keep} for r in rows]
 
 
-def measure(set_name: str, thp: bool, methods=PLAN, reps: int = 10, timeout: float = 600) -> dict:
-    """Rows of one set timed in a fresh process with ``THP_MEM_ALLOC_ENABLE`` = ``thp``."""
-    env = {**os.environ, VAR: "1" if thp else "0"}
-    cmd = [sys.executable, "-m", "benchmarks.fresh_pages", set_name, str(int(thp))]
+def measure(set_name: str, config: str, methods=PLAN, reps: int = 10, timeout: float = 600) -> dict:
+    """Rows of one set timed in a fresh process under ``CONFIGS[config]``."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env.update(CONFIGS[config][0])
+    cmd = [sys.executable, "-m", "benchmarks.fresh_pages", set_name, config]
     cmd += ["--reps", str(reps), "--methods", *methods]
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        return {"thp": thp, "error": f"no result within {timeout:.0f} s"}
+        return {"config": config, "error": f"no result within {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return {"thp": thp, "rows": json.loads(line[len("RESULT ") :])}
+            return {"config": config, "rows": json.loads(line[len("RESULT ") :])}
     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"thp": thp, "error": f"exit {proc.returncode}: {tail[:200]}"}
+    return {"config": config, "error": f"exit {proc.returncode}: {tail[:200]}"}
 
 
 def main(argv=None) -> None:
@@ -65,12 +81,14 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("set")
-    p.add_argument("thp", type=int, choices=(0, 1), help=f"the {VAR} this process was given")
+    p.add_argument("config", choices=list(CONFIGS), help="the setting this process was given")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--methods", nargs="+", default=list(PLAN))
     args = p.parse_args(argv)
-    if os.environ.get(VAR, "0") != str(args.thp):
-        raise SystemExit(f"start this worker with {VAR}={args.thp} in its environment")
+    wanted = CONFIGS[args.config][0]
+    if any(os.environ.get(k, "0" if k == VAR else None) != v for k, v in wanted.items()):
+        given = " ".join(f"{k}={v}" for k, v in wanted.items())
+        raise SystemExit(f"start this worker with {given} in its environment")
     print("RESULT " + json.dumps(worker(args.set, args.methods, args.reps)), flush=True)
 
 

@@ -12,7 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed
-from benchmarks import cold_compile, harness, report  # noqa: E402
+from benchmarks import cold_compile, harness, report, sharded  # noqa: E402
 
 
 def test_report_runs_end_to_end(tmp_path, monkeypatch):
@@ -25,9 +25,10 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
         res = report.main(
             [
                 "--reps", "2", "--sets", "tiny12", "ensemble", "--members", "3", "--full-plan",
+                "--ensemble-reps", "2",
                 "--compile-tensors", "3", "--compile-doors", "functional", "--no-passes",
                 "--fresh-pages-sets", "mlp", "--fresh-pages-methods", harness.ADAM,
-                harness.KOALA_EAGER,
+                harness.KOALA_EAGER, "--sharded-reps", "0",
                 "--threads", "1", "--out", str(tmp_path / "b.md"),
                 "--json", str(tmp_path / "b.json"), "--img", str(tmp_path / "b.png"),
                 "--readme", str(readme),
@@ -49,8 +50,9 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
     text = (tmp_path / "b.md").read_text()
     for heading in ("## Targets (issue 10)", "## Step time", "## Cold compile", "## Method"):
         assert heading in text
-    # the doors with transparent huge pages off and on, each in a fresh process
-    assert [(r["set"], r["thp"]) for r in res["fresh_pages"]] == [("mlp", False), ("mlp", True)]
+    # the doors under each allocator setting, each in a fresh process
+    configs = [(r["set"], r["config"]) for r in res["fresh_pages"]]
+    assert configs == [("mlp", c) for c in ("default", "thp", "glibc")]
     for run in res["fresh_pages"]:
         assert "error" not in run, run
         assert [r["method"] for r in run["rows"]] == [harness.ADAM, harness.KOALA_EAGER]
@@ -75,6 +77,29 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
         assert para in readme.read_text()
         for figure in saved["readme_figures"].values():
             assert figure in para
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
+def test_sharded_benchmark_runs_on_two_ranks_and_agrees():
+    """The sharded doors' benchmark (eager doors only: no compile in CI) on 2 gloo ranks, and
+    its report section: collectives, times, and the parameters against the reference's."""
+    run = sharded.measure(reps=2, compiled=False, timeout=300)
+    assert "error" not in run, run
+    rows = {r["door"]: r for r in run["rows"]}
+    assert list(rows) == [d for d in sharded.DOORS if d not in sharded.COMPILED]
+    assert rows[sharded.ADAM]["collectives"]["total"] == 0
+    assert rows[sharded.REFERENCE]["collectives"]["total"] > 1  # DTensor, op by op
+    for door in (sharded.KOALA_EAGER, sharded.SHARDED):
+        assert rows[door]["collectives"] == {"total": 1, "ops": {"all_reduce": 1}}, door
+        assert 0 <= rows[door]["max_diff"] < 1e-4, door  # float32, a few steps
+    assert all(r["median_s"] > 0 and len(r["times_s"]) == 2 for r in rows.values())
+    text = "\n".join(report.sharded_section({"sharded": run}))
+    assert "## Sharded parameters (FSDP2), 2 ranks" in text
+    assert f"| {sharded.KOALA_EAGER} | 1 (1 all_reduce) | " in text
+    assert f"| {sharded.ADAM} | 0 | " in text and "| 1.00 |" in text
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_0():
