@@ -456,7 +456,10 @@ def markdown(res, command: str) -> str:
         "functional door and the ensemble: `state.with_hyperparams(lr=...)`). *cold* is the "
         "first step minus the steady-state step (median of the last 10); *total* adds the "
         "excess of every later step (a recompile); *graphs* counts the graphs Dynamo compiled "
-        "over the 20 steps (`torch._dynamo.utils.counters['stats']['unique_graphs']`).",
+        "over the 20 steps (`torch._dynamo.utils.counters['stats']['unique_graphs']`), less "
+        "the kernel that the functional door's update op (`koala_func::overwrite_update`) "
+        "compiles of its own, once per process and dtype (its graphs are in the JSON, "
+        "`op_graphs`; the first step's time includes it).",
         "",
     ]
     if res["compile"]:

@@ -349,10 +349,12 @@ def engine_run(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sharded: list[bool] | None = None,
     out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    overwrite: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """:func:`~koala_func.engine.run` on packed buffers (``owners``: each layout's
     ``Layout.owner``; ``present``: per block, it received a gradient; ``sharded``: per
-    layout; ``out``: buffers to write the results into), with the loss moments of ``loss``."""
+    layout; ``out``: buffers to write the results into; ``overwrite``: write them into
+    ``bufs``, the caller's own copies), with the loss moments of ``loss``."""
     cdt = blocks.s.dtype
     per_sample = loss.dim() == n_lead + 1
     if per_sample:
@@ -373,6 +375,7 @@ def engine_run(
         per_sample=per_sample,
         sharded=sharded,
         out=out,
+        overwrite=overwrite,
     )
 
 
@@ -444,6 +447,10 @@ def engine_step(
     bufs = engine_buffers(
         opt, plan, [v_leaves[k] for k in keys], [h_leaves[k] for k in keys], n_lead
     )
+    # The packed theta, v and h are this step's own copies (new buffers from the pack op,
+    # pooled on CPU): the update overwrites them and the results are views of them. Under vmap
+    # a result can be batched where its pack is not: new tensors there.
+    batched = any(map(torch._C._functorch.is_batchedtensor, [loss, *(t for b in bufs for t in b)]))
     out, u = engine_run(
         opt,
         [layout.owner for layout, _ in plan.groups],
@@ -455,6 +462,7 @@ def engine_step(
         n_lead,
         reduce=reduce,
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in plan.groups],
+        overwrite=not batched,
     )
     new = engine_views(plan, out, n_lead, like=(p_leaves, v_leaves, h_leaves))
     v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])

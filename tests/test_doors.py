@@ -239,7 +239,7 @@ def test_engine_kernel_count_does_not_grow_with_tensors():
     import koala_func as kf
 
     counts = {}
-    for n in (5, 60):
+    for n in (3, 5, 60):  # 3: compiles the update op's own kernel (once per process)
         g = torch.Generator().manual_seed(0)
         shapes = [(int(a), int(b)) for a, b in torch.randint(1, 40, (n, 2), generator=g)]
         params = TensorDict({f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)})
@@ -312,8 +312,9 @@ def test_layout_views_padding_and_errors():
 
 def test_compiled_functional_step_reuses_only_dead_buffers():
     """On CPU the compiled step packs into spare buffers of earlier steps (a fresh buffer pays
-    a page fault per 4 KiB): buffers come back once nothing references them, and results the
-    caller still holds are never written."""
+    a page fault per 4 KiB) and writes its results into those packs: buffers come back once
+    nothing references them, results the caller still holds are never written, and no result
+    is a buffer of inductor's own."""
     from doors import COMPILED_F64, _td, functional_step, grads_and_losses, initial_params
 
     from koala_func.engine.layout import SPARE, empty_cache
@@ -331,9 +332,41 @@ def test_compiled_functional_step_reuses_only_dead_buffers():
         sizes.append(len(SPARE.buffers()))
         if k == 1:  # the caller keeps this step's results
             kept = {"p": params, "v": state.v, "copy": params.clone(), "v_copy": state.v.clone()}
-    # 4 packs a step: once the pool has its rotation, the last steps allocate nothing new
+    # 4 packs a step, 3 of them the results: once the pool has its rotation (the kept results
+    # included), the last steps allocate nothing new
     assert 0 < sizes[-1] == sizes[-3] < SPARE.limit
+    pooled = {b.untyped_storage().data_ptr() for b in SPARE.buffers()}
+    results = [*params.values(True, True), *state.v.values(True, True)]
+    results += list(state.h_prev.values(True, True))
+    assert all(t.untyped_storage().data_ptr() in pooled for t in results)
     for name in NAMES:  # ... and no result that the caller holds was written
         key = tuple(name.split("."))
         assert torch.equal(kept["p"][key], kept["copy"][key])
         assert torch.equal(kept["v"][key], kept["v_copy"][key])
+
+
+def test_update_op_falls_back_to_eager_when_its_kernel_does_not_compile(monkeypatch):
+    """The opaque update op of the compiled functional step compiles its own kernel; where
+    that fails (a backend that works for the caller, inductor that does not), it warns once
+    and runs the same update eagerly."""
+    from koala_func.engine import passes
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(passes, "_COMPILED", {True: broken, False: broken})
+    gen = torch.Generator().manual_seed(0)
+    bufs = [torch.randn(4, 8, generator=gen, dtype=F64) for _ in range(4)]
+    cf = torch.rand(4, 6, generator=gen, dtype=F64)
+    cf[2, 5] = 0  # one chunk not updated
+    before = [b.clone() for b in bufs]
+    expected = [b.clone() for b in bufs]
+    passes._overwrite_plain(*expected, cf)
+    with pytest.warns(RuntimeWarning, match="compiling the update kernel failed"):
+        passes.overwrite_update(*bufs, cf, None)
+    for got, want in zip(bufs, expected, strict=True):
+        assert torch.equal(got, want)
+    assert passes._COMPILED[False] is passes._overwrite_plain  # no second warning
+    theta, v = bufs[0], bufs[2]
+    assert torch.equal(theta[2], before[0][2]) and torch.equal(v[2], before[2][2])
+    assert not torch.equal(theta[0], before[0][0]) and not torch.equal(v[0], before[2][0])

@@ -74,7 +74,9 @@ class SparePool:
         True
     """
 
-    limit = 8
+    # A compiled functional step uses 7 per shape (the 3 results the caller holds, whose
+    # buffers it read, and 4 new packs); the rest leaves room for results the caller keeps.
+    limit = 12
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}

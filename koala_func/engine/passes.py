@@ -10,7 +10,8 @@ r"""The two passes of a KOALA++ step over packed buffers, and the driver every f
    :math:`v_k = a v_{k-1} + c H_k + b H_{k-1}`,
    :math:`\theta_k = \theta_{k-1} - \mathrm{scale}\,v_k - \mathrm{scale}\,Q\,H_k`,
    :math:`H_{k-1} \leftarrow H_k`, where the block is ``ok``; written into the buffers
-   (``inplace=True``) or returned as new tensors.
+   (``inplace=True``, or ``overwrite=True`` for buffers the caller owns) or returned as new
+   tensors.
 
 Every buffer may carry leading member dimensions (``[E, n_chunks, C]``, ensembles). Elementwise
 math runs in the scalar dtype (float32 at least) and is stored back in each buffer's dtype.
@@ -18,6 +19,7 @@ math runs in the scalar dtype (float32 at least) and is stored back in each buff
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -111,6 +113,81 @@ def _inputs(buf: Buffers, wd_c: torch.Tensor | None, tile: slice | None, cdt: to
     return theta, g, v, h, H
 
 
+def _updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, cdt: torch.dtype):
+    """The new ``theta, v, h`` of ``tile`` (``cf``: the per-chunk coefficients, see :func:`run`),
+    in the compute dtype ``cdt``."""
+    theta, _, v, h, H = _inputs(buf, wd_c, tile, cdt)
+    a, c, b, scale, d, okf = _rows(cf, tile).unsqueeze(-1).unbind(-2)
+    ok = okf != 0
+    v_new = a * v + c * H + b * h
+    theta_new = theta - scale * v_new - d * H
+    return torch.where(ok, theta_new, theta), torch.where(ok, v_new, v), torch.where(ok, H, h)
+
+
+def _write_updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst) -> None:
+    """:func:`_updated` written into ``dst`` (``theta, v, h`` buffers; may be ``buf``'s own:
+    each element is read before it is written)."""
+    new = _updated(buf, wd_c, cf, tile, cf.dtype)
+    for into, x in zip(dst, new, strict=True):
+        if tile is None:
+            into.copy_(x.view(into.shape))
+        else:
+            into[..., tile, :].copy_(x)
+
+
+def _overwrite(theta, g, v, h, cf, wd_c) -> None:
+    _write_updated(Buffers(theta, g, v, h), wd_c, cf, None, (theta, v, h))
+
+
+def _overwrite_plain(theta, g, v, h, cf) -> None:
+    _write_updated(Buffers(theta, g, v, h), None, cf, None, (theta, v, h))
+
+
+_COMPILED: dict[bool, Callable] = {}
+
+
+# An opaque, mutating op: inside a compiled step, inductor then writes the update into the
+# caller's own packed buffers (the op's inputs, dead afterwards) instead of allocating three new
+# outputs, each a fresh mapping on CPU that pays a page fault per 4 KiB. The op runs a compiled
+# elementwise kernel of its own.
+@torch.library.custom_op("koala_func::overwrite_update", mutates_args=("theta", "v", "h"))
+def overwrite_update(
+    theta: torch.Tensor,
+    g: torch.Tensor,
+    v: torch.Tensor,
+    h: torch.Tensor,
+    cf: torch.Tensor,
+    wd_c: torch.Tensor | None,
+) -> None:
+    """Write the update into ``theta, v, h`` (``[rows, C]`` buffers; see :func:`run`)."""
+    decay = wd_c is not None
+    eager = _overwrite if decay else _overwrite_plain
+    args = (theta, g, v, h, cf, wd_c) if decay else (theta, g, v, h, cf)
+    fn = _COMPILED.get(decay)
+    if fn is None:
+        # dynamic: one graph for every layout's shape, not a recompile per model
+        fn = _COMPILED[decay] = torch.compile(eager, fullgraph=True, dynamic=True)
+    if fn is eager:
+        eager(*args)
+        return
+    try:
+        fn(*args)
+    except Exception as err:  # the caller's backend works here, inductor does not
+        warnings.warn(
+            f"koala_func: compiling the update kernel failed ({type(err).__name__}: {err}); "
+            "running it eagerly instead (same results, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _COMPILED[decay] = eager
+        eager(*args)
+
+
+@overwrite_update.register_fake
+def _(theta, g, v, h, cf, wd_c) -> None:
+    return None
+
+
 def run(
     owners: Sequence[torch.Tensor],
     bufs: Sequence[Buffers],
@@ -127,6 +204,7 @@ def run(
     sharded: Sequence[bool] | None = None,
     per_sample: bool = True,
     inplace: bool = False,
+    overwrite: bool = False,
     out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """One KOALA++ step over packed buffers.
@@ -146,6 +224,9 @@ def run(
         per_sample: the loss moments come from per-sample losses (else ``mean_sq`` is
             ``mean**2``, recomputed after ``reduce`` averages ``mean`` over ranks).
         inplace: write theta, v, h into the buffers and the block state into ``blocks``.
+        overwrite: write theta, v, h into the buffers, which the caller owns (its own packed
+            copies), and return the block state; compiled on CPU, through the opaque
+            :func:`overwrite_update`, so that no output buffer is allocated.
         out: per layout, ``(theta, v, h)`` buffers to write the results into (recycled
             buffers: fresh outputs pay page faults on CPU); the block state is returned.
 
@@ -241,7 +322,7 @@ def run(
         torch.broadcast_tensors(u.a, u.c, u.b, u.scale, u.scale * q, u.ok.to(cdt)), dim=-1
     )
     results = []
-    dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace else out
+    dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace or overwrite else out
     for i, (owner, buf, wd_c, layout_tiles) in enumerate(
         zip(owners, bufs, wds, tiles, strict=True)
     ):
@@ -251,29 +332,18 @@ def run(
         dst = dsts[i] if dsts is not None else None
         if dst is None and layout_tiles != [None]:  # eager tiles write into new buffers
             dst = tuple(torch.empty_like(t) for t in kept)
-        for tile in layout_tiles:
-            theta, _, v, h, H = _inputs(buf, wd_c, tile, cdt)
-            a, c, b, scale, d, okf = _rows(cf, tile).unsqueeze(-1).unbind(-2)
-            ok = okf != 0
-            v_new = a * v + c * H + b * h
-            theta_new = theta - scale * v_new - d * H
-            new = (
-                torch.where(ok, theta_new, theta),
-                torch.where(ok, v_new, v),
-                torch.where(ok, H, h),
+        if dst is None:  # compiled, functional: the results are the new tensors
+            new = _updated(buf, wd_c, cf, None, cdt)
+            results.append(
+                tuple(x.to(t.dtype).view(t.shape) for x, t in zip(new, kept, strict=True))
             )
-            if dst is None:  # compiled, functional: the results are the new tensors
-                results.append(
-                    tuple(x.to(t.dtype).view(t.shape) for x, t in zip(new, kept, strict=True))
-                )
-                continue
-            for into, x in zip(dst, new, strict=True):
-                if tile is None:
-                    into.copy_(x.view(into.shape))
-                else:
-                    into[..., tile, :].copy_(x)
-        if dst is not None:
-            results.append(tuple(dst))
+            continue
+        if overwrite and torch.compiler.is_compiling() and buf.g.device.type == "cpu":
+            overwrite_update(*buf, _rows(cf, None), None if wd_c is None else _rows(wd_c, None))
+        else:
+            for tile in layout_tiles:
+                _write_updated(buf, wd_c, cf, tile, dst)
+        results.append(tuple(dst))
     if inplace:
         for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
             # Through a 1-d view: inductor (torch 2.13, CPU) drops a copy_ into a 0-d float64
