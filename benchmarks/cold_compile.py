@@ -207,20 +207,30 @@ def measure(door: str, n: int, timeout: float = 300, threads: int | None = None,
         cmd = [sys.executable, "-m", "benchmarks.cold_compile", door, str(n)]
         cmd += ["--members", str(members)] + (["--threads", str(threads)] if threads else [])
         start = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            return {"door": door, "tensors": n, "error": f"no result within {timeout:.0f} s"}
+        res, error = run_worker(cmd, env, timeout)
         wall = time.perf_counter() - start
+    if error is not None:
+        return {"door": door, "tensors": n, "error": error}
+    res["process_s"] = wall
+    return res
+
+
+def run_worker(cmd: list[str], env: dict | None = None, timeout: float = 600):
+    """Run a worker (``python -m benchmarks.... --args``) in a fresh process from the checkout's
+    root: ``(result, None)`` from its ``RESULT <json>`` line, or ``(None, error)``."""
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"no result within {timeout:.0f} s"
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT ") :])
-            res["process_s"] = wall
-            return res
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"door": door, "tensors": n, "error": f"exit {proc.returncode}: {tail[:200]}"}
+            return json.loads(line[len("RESULT ") :]), None
+    # the last line that names an error (a launcher such as torchrun adds a summary after it)
+    lines = proc.stderr.strip().splitlines()
+    tail = [x for x in lines if "Error" in x] or lines or ["no output"]
+    return None, f"exit {proc.returncode}: {tail[-1][:200]}"
 
 
 def main(argv=None) -> None:

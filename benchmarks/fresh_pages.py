@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from .cold_compile import ROOT
+from .cold_compile import run_worker
 
 VAR = "THP_MEM_ALLOC_ENABLE"
 GLIBC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
@@ -63,17 +62,8 @@ def measure(set_name: str, config: str, methods=PLAN, reps: int = 10, timeout: f
     env.update(CONFIGS[config][0])
     cmd = [sys.executable, "-m", "benchmarks.fresh_pages", set_name, config]
     cmd += ["--reps", str(reps), "--methods", *methods]
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        return {"config": config, "error": f"no result within {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return {"config": config, "rows": json.loads(line[len("RESULT ") :])}
-    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-    return {"config": config, "error": f"exit {proc.returncode}: {tail[:200]}"}
+    rows, error = run_worker(cmd, env, timeout)
+    return {"config": config, "error": error} if error else {"config": config, "rows": rows}
 
 
 def main(argv=None) -> None:

@@ -22,13 +22,13 @@ prints ``RESULT <json>``; :func:`measure` launches the workers and reads it.
 from __future__ import annotations
 
 import json
-import subprocess
+import statistics
 import sys
 import time
 
 import torch
 
-from .cold_compile import ROOT
+from .cold_compile import run_worker
 
 ADAM = "Adam(fused=True)"
 REFERENCE = "reference step on DTensors"
@@ -132,7 +132,7 @@ def worker(reps: int, compiled: bool) -> list[dict] | None:
             {
                 "door": name,
                 "collectives": comms[name],
-                "median_s": sorted(times[name])[len(times[name]) // 2],
+                "median_s": statistics.median(times[name]),
                 "times_s": times[name],
                 "max_diff": diff,
             }
@@ -151,15 +151,8 @@ def measure(reps: int = 20, compiled: bool = True, timeout: float = 600) -> dict
         "floats": sum(torch.Size(s).numel() for s in SHAPES.values()),
         "reps": reps,
     }
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**info, "error": f"no result within {timeout:.0f} s"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return {**info, "rows": json.loads(line[len("RESULT ") :])}
-    tail = [s for s in proc.stderr.strip().splitlines() if "Error" in s] or ["no output"]
-    return {**info, "error": f"exit {proc.returncode}: {tail[-1][:200]}"}
+    rows, error = run_worker(cmd, timeout=timeout)
+    return {**info, "error": error} if error else {**info, "rows": rows}
 
 
 def main(argv=None) -> None:

@@ -143,6 +143,8 @@ def _overwrite_plain(theta, g, v, h, cf) -> None:
     _write_updated(Buffers(theta, g, v, h), None, cf, None, (theta, v, h))
 
 
+# Two functions, not one with an optional argument: Dynamo caches by code object, and each
+# keeps its own recompile limit. The compiled kernel of each, by ``decay``:
 _COMPILED: dict[bool, Callable] = {}
 
 
