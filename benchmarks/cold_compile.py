@@ -10,7 +10,9 @@ lr. The cold compile is the first step minus the steady-state step (the median o
 the total compile adds every later step's excess (a recompile). It counts the graphs Dynamo
 compiled (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``) less those of the update
 op's own kernel (:func:`op_graphs`), and keeps the recompile reasons Dynamo logged. The
-ensemble door uses E members of ``n`` tensors each.
+ensemble door uses E members of ``n`` tensors each. One process is one sample of a machine
+whose speed drifts by tens of percent: the report takes several rounds and
+:func:`combine` makes one row of them.
 """
 
 from __future__ import annotations
@@ -213,6 +215,50 @@ def measure(door: str, n: int, timeout: float = 300, threads: int | None = None,
         return {"door": door, "tensors": n, "error": error}
     res["process_s"] = wall
     return res
+
+
+#: Fields of a :func:`worker` result that :func:`combine` takes the median of.
+TIMES = ("first_s", "second_s", "steady_s", "compile_s", "total_compile_s", "process_s")
+
+
+def combine(samples: list[dict]) -> dict:
+    """One row from several fresh-process measurements of the same door and size: the median
+    of each time (:data:`TIMES`), the most graphs any of them compiled, and, in round order,
+    every sample's cold compile (``compile_s_samples``; ``None`` where one failed), so that a
+    ratio of two rows can be taken round by round. All failed: the first failure."""
+    ok = [s for s in samples if "error" not in s]
+    if not ok:
+        return dict(samples[0])
+    out = dict(ok[0])
+    for key in TIMES:
+        values = [s[key] for s in ok if s.get(key) is not None]
+        if values:
+            out[key] = statistics.median(values)
+    for key in ("graphs", "graphs_first_call", "op_graphs"):
+        out[key] = max(s[key] for s in ok)
+    reasons = [s["recompile_reasons"] for s in ok if s["recompile_reasons"]]
+    out["recompile_reasons"] = reasons[0] if reasons else []
+    out["samples"] = len(ok)
+    out["compile_s_samples"] = [s.get("compile_s") if "error" not in s else None for s in samples]
+    failed = [s["error"] for s in samples if "error" in s]
+    if failed:
+        out["failed_samples"] = failed
+    return out
+
+
+def round_ratio(hi: dict, lo: dict) -> float | None:
+    """The median over rounds of ``hi``'s cold compile over ``lo``'s (rows from
+    :func:`combine`, measured in the same rounds), or ``None`` if no round has both."""
+    pairs = [
+        (a, b)
+        for a, b in zip(
+            hi.get("compile_s_samples", [hi.get("compile_s")]),
+            lo.get("compile_s_samples", [lo.get("compile_s")]),
+            strict=False,
+        )
+        if a is not None and b
+    ]
+    return statistics.median(a / b for a, b in pairs) if pairs else None
 
 
 def run_worker(cmd: list[str], env: dict | None = None, timeout: float = 600):
