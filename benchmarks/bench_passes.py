@@ -4,8 +4,8 @@
 
 Times, interleaved in one run on ResNet-18-sized buffers ([5744, 2048] float32), compiled
 stand-ins for the two passes of the packed step: the reduction pass (reads g, h_prev, v), the
-update pass writing 3 arrays back (theta, v, h_prev) or 2 (theta, v, as with
-``adopt_grads=True``), an Adam-like pass (reads 4, writes 3) and a plain copy.
+update pass writing 3 arrays back (theta, v, h_prev) or 2 (theta, v: what a step that kept
+no copy of ``H`` would write), an Adam-like pass (reads 4, writes 3) and a plain copy.
 """
 
 from __future__ import annotations
