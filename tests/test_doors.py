@@ -345,6 +345,33 @@ def test_compiled_functional_step_reuses_only_dead_buffers():
         assert torch.equal(kept["v"][key], kept["v_copy"][key])
 
 
+def test_blocks_not_updated_keep_their_values_exactly_whatever_their_inputs():
+    """The elementwise update has no ``where``: a block that is not updated gets the
+    identity's coefficients, even where its own are NaN, and its NaN or inf gradient is
+    multiplied by zero only after ``nan_to_num``; its theta, v and h come back bit for bit."""
+    from koala_func.engine import passes
+    from koala_func.engine.math import BlockUpdate
+
+    nan, inf = float("nan"), float("inf")
+    ok = torch.tensor([True, False, False, False])
+    vals = torch.tensor([0.5, nan, inf, 0.3], dtype=F64)
+    u = BlockUpdate(vals, vals, vals, vals, ok, *(None,) * 4)
+    cf = passes._coefficients(u, torch.tensor([0.1], dtype=F64))
+    assert cf[1:].tolist() == [[1.0, 0, 0, 0, 0, 0]] * 3
+    assert cf[0].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.5, 0.05, 1.0])
+    gen = torch.Generator().manual_seed(0)
+    theta, g, v, h = (torch.randn(4, 8, generator=gen, dtype=F64) for _ in range(4))
+    g[1, 3], g[2, 0], g[3, 5] = nan, inf, -inf
+    theta[3, 1] = inf  # a parameter that is already inf stays so
+    wd = torch.full((4, 1), 5e-4, dtype=F64)
+    new = passes._updated(passes.Buffers(theta, g, v, h), wd, cf, None, torch.float64)
+    for got, old in zip(new, (theta, v, h), strict=True):
+        assert torch.equal(got[1:], old[1:])
+        assert not torch.equal(got[0], old[0]) and bool(torch.isfinite(got[0]).all())
+    want_v = 0.5 * v[0] + 0.5 * (g[0] + 5e-4 * theta[0]) + 0.5 * h[0]
+    assert torch.allclose(new[1][0], want_v, rtol=0, atol=1e-15)
+
+
 def test_update_op_falls_back_to_eager_when_its_kernel_does_not_compile(monkeypatch):
     """The opaque update op of the compiled functional step compiles its own kernel; where
     that fails (a backend that works for the caller, inductor that does not), it warns once
@@ -358,7 +385,7 @@ def test_update_op_falls_back_to_eager_when_its_kernel_does_not_compile(monkeypa
     gen = torch.Generator().manual_seed(0)
     bufs = [torch.randn(4, 8, generator=gen, dtype=F64) for _ in range(4)]
     cf = torch.rand(4, 6, generator=gen, dtype=F64)
-    cf[2, 5] = 0  # one chunk not updated
+    cf[2] = torch.tensor([1.0, 0, 0, 0, 0, 0])  # one chunk not updated: the identity
     before = [b.clone() for b in bufs]
     expected = [b.clone() for b in bufs]
     passes._overwrite_plain(*expected, cf)

@@ -115,13 +115,37 @@ def _inputs(buf: Buffers, wd_c: torch.Tensor | None, tile: slice | None, cdt: to
 
 def _updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, cdt: torch.dtype):
     """The new ``theta, v, h`` of ``tile`` (``cf``: the per-chunk coefficients, see :func:`run`),
-    in the compute dtype ``cdt``."""
+    in the compute dtype ``cdt``.
+
+    A block that is not updated has the coefficients of the identity (``a = 1``, the others
+    0, see :func:`_coefficients`) and must come back unchanged even if its gradient is NaN.
+    Compiled, a ``torch.where`` per result does that at no cost (it fuses into the kernel).
+    Eagerly on CPU a ``where`` costs four multiplies, so ``H`` is read through ``nan_to_num``
+    instead, which changes only such blocks (an updated block's sums are finite, so are its
+    values); ``v`` and ``h`` are finite (they only ever receive an updated block's values), so
+    zero times them is exactly zero and the identity leaves ``theta, v, h`` as they were."""
     theta, _, v, h, H = _inputs(buf, wd_c, tile, cdt)
     a, c, b, scale, d, okf = _rows(cf, tile).unsqueeze(-1).unbind(-2)
-    ok = okf != 0
-    v_new = a * v + c * H + b * h
-    theta_new = theta - scale * v_new - d * H
-    return torch.where(ok, theta_new, theta), torch.where(ok, v_new, v), torch.where(ok, H, h)
+    select = torch.compiler.is_compiling()
+    Hs = H if select else torch.nan_to_num(H)
+    v_new = torch.addcmul(torch.addcmul(a * v, c, Hs), b, h)
+    theta_new = theta.addcmul(scale, v_new, value=-1).addcmul_(d, Hs, value=-1)
+    if select:
+        ok = okf != 0
+        return torch.where(ok, theta_new, theta), torch.where(ok, v_new, v), torch.where(ok, H, h)
+    return theta_new, v_new, torch.addcmul((1 - okf) * h, okf, Hs)
+
+
+def _coefficients(u: BlockUpdate, q: torch.Tensor) -> torch.Tensor:
+    """``[..., T, 6]``: ``a, c, b, scale, scale * q, ok`` per block, those of the identity
+    (``1, 0, 0, 0, 0, 0``) where the block is not updated (see :func:`_updated`)."""
+    one, zero = torch.ones_like(u.a), torch.zeros_like(u.a)
+    ok = u.ok
+    cols = (u.a, u.c, u.b, u.scale, u.scale * q)
+    a, c, b, scale, d = (
+        torch.where(ok, x, z) for x, z in zip(cols, (one, *[zero] * 4), strict=True)
+    )
+    return torch.stack(torch.broadcast_tensors(a, c, b, scale, d, ok.to(a.dtype)), dim=-1)
 
 
 def _write_updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst) -> None:
@@ -319,10 +343,7 @@ def run(
     )
 
     # Pass 2: per-chunk coefficients, one elementwise pass per layout.
-    q = hp.q.to(cdt)
-    coef = torch.stack(
-        torch.broadcast_tensors(u.a, u.c, u.b, u.scale, u.scale * q, u.ok.to(cdt)), dim=-1
-    )
+    coef = _coefficients(u, hp.q.to(cdt))
     results = []
     dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace or overwrite else out
     for i, (owner, buf, wd_c, layout_tiles) in enumerate(
