@@ -249,15 +249,10 @@ def combine(samples: list[dict]) -> dict:
 def round_ratio(hi: dict, lo: dict) -> float | None:
     """The median over rounds of ``hi``'s cold compile over ``lo``'s (rows from
     :func:`combine`, measured in the same rounds), or ``None`` if no round has both."""
-    pairs = [
-        (a, b)
-        for a, b in zip(
-            hi.get("compile_s_samples", [hi.get("compile_s")]),
-            lo.get("compile_s_samples", [lo.get("compile_s")]),
-            strict=False,
-        )
-        if a is not None and b
-    ]
+    if "error" in hi or "error" in lo:  # every round failed
+        return None
+    rounds = zip(hi["compile_s_samples"], lo["compile_s_samples"], strict=True)
+    pairs = [(a, b) for a, b in rounds if a is not None and b]
     return statistics.median(a / b for a, b in pairs) if pairs else None
 
 

@@ -215,7 +215,7 @@ def targets(res) -> list[dict]:
     )
     lo, hi = compile_row(res, "functional", 10), compile_row(res, "functional", 160)
     both = lo and hi
-    rounds = len(hi.get("compile_s_samples", [1])) if both else 0
+    rounds = len(hi["compile_s_samples"]) if both else 0
     add(
         f"{FUNC}: cold compile at 160 tensors / at 10",
         cold_compile.round_ratio(hi, lo) if both else None,
@@ -490,8 +490,7 @@ def markdown(res, command: str) -> str:
                 L.append(f"| {label} | {c['tensors']} | failed: {c['error']} ||||||")
             else:
                 each = ", ".join(
-                    "failed" if x is None else f"{x:.1f}"
-                    for x in c.get("compile_s_samples", [c["compile_s"]])
+                    "failed" if x is None else f"{x:.1f}" for x in c["compile_s_samples"]
                 )
                 L.append(
                     f"| {label} | {c['tensors']} | {c['compile_s']:.1f} | {each} | "

@@ -139,12 +139,9 @@ def _updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, cdt: torc
 def _coefficients(u: BlockUpdate, q: torch.Tensor) -> torch.Tensor:
     """``[..., T, 6]``: ``a, c, b, scale, scale * q, ok`` per block, those of the identity
     (``1, 0, 0, 0, 0, 0``) where the block is not updated (see :func:`_updated`)."""
-    one, zero = torch.ones_like(u.a), torch.zeros_like(u.a)
     ok = u.ok
-    cols = (u.a, u.c, u.b, u.scale, u.scale * q)
-    a, c, b, scale, d = (
-        torch.where(ok, x, z) for x, z in zip(cols, (one, *[zero] * 4), strict=True)
-    )
+    a = torch.where(ok, u.a, 1.0)
+    c, b, scale, d = (torch.where(ok, x, 0.0) for x in (u.c, u.b, u.scale, u.scale * q))
     return torch.stack(torch.broadcast_tensors(a, c, b, scale, d, ok.to(a.dtype)), dim=-1)
 
 
