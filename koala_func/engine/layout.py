@@ -213,8 +213,10 @@ torch.library.register_vmap("koala_func::pack", _pack_vmap)
 
 #: The ensemble door packs the inputs of a layout of at most this many tensors, of at most
 #: :data:`FUSED_PACK_NUMEL` elements in all, inside its compiled graph by graph ops
-#: (:func:`pack_in_graph`): inductor writes the packed buffer in the same kernel that reads
-#: it, where an eager pack is one more pass over memory before the graph runs. More tensors
+#: (:func:`pack_in_graph`): inductor writes the packed buffer in the same kernel call that
+#: reads it, where an eager pack is one more launch before the graph runs. On CPU the packed
+#: buffer is still materialized (inductor turns pointwise cat off there), so the pack costs
+#: one pass over memory either way; it saves launches and Python, not traffic. More tensors
 #: would add graph inputs and nodes per tensor (compile time growing with them), and a
 #: larger buffer that inductor allocates would be a fresh allocation per step (page faults
 #: on CPU) where the eager pack fills a pooled one.
