@@ -380,7 +380,10 @@ class _EngineEnsembleStep:
             block_state, step = self._packed(
                 [tuple(b) for b in bufs],
                 [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups],
-                outs,
+                # as [rows, C], the shape the update is computed in: inductor then writes each
+                # result in the loop that computes it (a [E, n_chunks, C] output would be a
+                # second loop, re-reading v_k from a temporary)
+                [tuple(t.view(-1, t.shape[-1]) for t in o) for o in outs],
                 [layout.owner for layout, _ in plan.groups],
                 tuple(plan.present),
                 tuple(blocks_in(state)),

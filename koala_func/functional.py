@@ -51,6 +51,7 @@ from koala_func.state import (
     replace_fields,
     replace_leaves,
     scalar_dtype,
+    without_grad,
 )
 
 __all__ = ["KoalaPPTransform", "koala_pp", "params_of", "per_sample_loss", "value_and_grad"]
@@ -175,6 +176,23 @@ class KoalaPPTransform:
             >>> bool((new["w"] < params["w"]).all())
             True
         """
+        if not torch.compiler.is_compiling():
+            if not self.differentiable:
+                params = _without_grad(params)
+            # A torch.compile frame hook is set: opt.step is called as a compiled function.
+            # (Inlined here, not a helper: a function called from this frame is compiled.)
+            hooked = _FRAME_HOOK is not None and _FRAME_HOOK() not in (None, False)
+            if hooked and self.impl != "reference" and not self.differentiable:
+                # torch.compile(opt.step): the TensorDict work runs here, eagerly, and only
+                # _engine_frame (tensors in, tensors out) is traced and compiled.
+                found = _engine_inputs(self, params, grads, loss, state)
+                if found is not None:
+                    # Static shapes: _engine_frame is one code object for every model, and
+                    # Dynamo would make a size dynamic on seeing a key again with another size
+                    # (a second model in the process), which the layout cannot take.
+                    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                        out = _engine_frame(self, *found)
+                    return _engine_outputs(params, state, *out)
         return self._step(params, grads, loss, state, n_lead=0)
 
     def _step(self, params, grads, loss, state, n_lead: int):
@@ -221,6 +239,59 @@ class KoalaPPTransform:
         )
 
 
+def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
+    """What :func:`_engine_frame` takes (the checks of ``_step`` done eagerly), or ``None``
+    when ``params`` has no floating-point leaf."""
+    p_leaves, g_leaves = leaves(params), leaves(grads)
+    keys = float_keys(p_leaves)
+    if not keys:
+        return None
+    check_step_inputs(keys, p_leaves, g_leaves, loss, 0)
+    v_leaves = leaves(state.v)
+    check_state(keys, p_leaves, v_leaves, state.s.shape[-1], len(blocks_of(keys, opt.granularity)))
+    opt._check_loss(loss, 0)
+    p = {k: p_leaves[k] for k in keys}
+    g = {k: g_leaves[k] for k in keys if k in g_leaves}
+    h = leaves(state.h_prev)
+    blocks = (state.s, state.count, state.skipped, state.r_est)
+    hyper = tuple(getattr(state.hyper, k) for k in HYPERPARAMETERS)
+    return keys, p, g, v_leaves, h, loss, blocks, hyper, state.step
+
+
+def _engine_frame(opt: KoalaPPTransform, keys, p, g, v, h, loss, blocks, hyper, step):
+    """The compiled part of ``torch.compile(opt.step)``: the engine on leaf dicts."""
+    with torch.no_grad():
+        s, count, skipped, r_est = blocks
+        new, u = engine_leaves(
+            opt,
+            keys,
+            (p, g, v, h),
+            loss,
+            Blocks(s, count, skipped, r_est.unsqueeze(-1)),
+            Hyper(*(t.unsqueeze(-1) for t in hyper)),
+            0,
+        )
+        return new, blocks_out(u), step + 1
+
+
+# Dynamo compiles every frame that runs while a compiled function's hook is set, so that when a
+# user compiles ``opt.step``: ``step``'s own frame is skipped (run as plain Python), the
+# TensorDict work around the engine runs in disabled functions (plain Python, called only
+# outside a trace, where they cannot break a graph), and the one compiled frame is
+# ``_engine_frame``'s. Tracing TensorDicts costs about 15 ms per tensor at trace time; the
+# step also detaches ``TensorDict.from_module``'s nn.Parameters there, so the first call and
+# the later ones (on plain tensors) meet the same guards: one graph, not two. Inlined into a
+# user's compiled function, ``step`` is traced as usual. Without these hooks (another torch),
+# ``_step`` is compiled, as it is then.
+_FRAME_HOOK = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
+if hasattr(torch._dynamo.eval_frame, "skip_code") and _FRAME_HOOK is not None:
+    torch._dynamo.eval_frame.skip_code(KoalaPPTransform.step.__code__)
+else:  # pragma: no cover - a torch without them
+    _FRAME_HOOK = None
+_without_grad = torch._dynamo.disable(without_grad)
+_engine_inputs = torch._dynamo.disable(_engine_inputs)
+
+
 _LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
 
 
@@ -249,12 +320,12 @@ def layouts_for(
     """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
     the indices of its tensors; cached by structure, so a compiled step builds them once."""
     # Per tensor only what the guards fix; the rest is worked out in _groups (plain Python).
+    compiling = torch.compiler.is_compiling()
     sig = tuple((t.shape, t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
     key = (sig, tuple(blocks), state_dtype, flags, n_lead)
     # Inside a compiled graph the layout is built at trace time only; a cache lookup there
     # would add a guard on the cache that fails once the entry exists (a recompile).
-    compiling = torch.compiler.is_compiling()
     found = None if compiling else _LAYOUTS.get(key)
     if found is None:
         found = [
@@ -424,25 +495,22 @@ def blocks_in(state: KoalaPPState) -> Blocks:
     return Blocks(state.s, state.count, state.skipped, state.r_est.unsqueeze(-1))
 
 
-def engine_step(
+def engine_leaves(
     opt: KoalaPPTransform,
     keys: list[NestedKey],
-    found: tuple[dict, dict, dict],
-    params: TensorDictBase,
+    found: tuple[dict, dict, dict, dict],
     loss: torch.Tensor,
-    state: KoalaPPState,
+    blocks: Blocks,
+    hyper: Hyper,
     n_lead: int,
     *,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     sharded: list[bool] | None = None,
-) -> tuple[TensorDictBase, KoalaPPState]:
-    """:meth:`KoalaPPTransform.step` through the engine: pack, :func:`~koala_func.engine.run`,
-    unpack as views. ``n_lead`` leading member dimensions (ensembles) on every tensor.
-    ``found``: the leaves of params, grads and ``state.v`` by key. ``reduce`` and ``sharded``
-    (per key: its sums are partial) are the engine's, for local shards
-    (:mod:`koala_func.distributed`)."""
-    p_leaves, g_leaves, v_leaves = found
-    h_leaves = leaves(state.h_prev)
+) -> tuple[tuple[dict, dict, dict], BlockUpdate]:
+    """The engine on leaf dicts: pack, :func:`~koala_func.engine.run`, unpack as views.
+    ``found``: params, grads, v and h_prev by key; returns the new params, v and h_prev by
+    key, and the block update."""
+    p_leaves, g_leaves, v_leaves, h_leaves = found
     plan = engine_plan(opt, keys, p_leaves, g_leaves, n_lead, sharded)
     bufs = engine_buffers(
         opt, plan, [v_leaves[k] for k in keys], [h_leaves[k] for k in keys], n_lead
@@ -456,19 +524,61 @@ def engine_step(
         [layout.owner for layout, _ in plan.groups],
         plan.present,
         bufs,
-        blocks_in(state),
-        hyper_of(state.hyper),
+        blocks,
+        hyper,
         loss,
         n_lead,
         reduce=reduce,
         sharded=None if sharded is None else [sharded[idx[0]] for _, idx in plan.groups],
         overwrite=not batched,
     )
-    new = engine_views(plan, out, n_lead, like=(p_leaves, v_leaves, h_leaves))
+    return engine_views(plan, out, n_lead, like=(p_leaves, v_leaves, h_leaves)), u
+
+
+def engine_outputs(
+    params: TensorDictBase,
+    state: KoalaPPState,
+    new: tuple[dict, dict, dict],
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    step: torch.Tensor,
+) -> tuple[TensorDictBase, KoalaPPState]:
+    """The new params and state from :func:`engine_leaves`'s leaves, the block state
+    (:func:`blocks_out`) and the step count."""
     v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])
-    return replace_leaves(params, new[0]), engine_state(
-        state, v, h_prev, blocks_out(u), state.step + 1
+    return replace_leaves(params, new[0]), engine_state(state, v, h_prev, blocks, step)
+
+
+_engine_outputs = torch._dynamo.disable(engine_outputs)
+
+
+def engine_step(
+    opt: KoalaPPTransform,
+    keys: list[NestedKey],
+    found: tuple[dict, dict, dict],
+    params: TensorDictBase,
+    loss: torch.Tensor,
+    state: KoalaPPState,
+    n_lead: int,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sharded: list[bool] | None = None,
+) -> tuple[TensorDictBase, KoalaPPState]:
+    """:meth:`KoalaPPTransform.step` through the engine (:func:`engine_leaves`). ``n_lead``
+    leading member dimensions (ensembles) on every tensor. ``found``: the leaves of params,
+    grads and ``state.v`` by key. ``reduce`` and ``sharded`` (per key: its sums are partial)
+    are the engine's, for local shards (:mod:`koala_func.distributed`)."""
+    new, u = engine_leaves(
+        opt,
+        keys,
+        (*found, leaves(state.h_prev)),
+        loss,
+        blocks_in(state),
+        hyper_of(state.hyper),
+        n_lead,
+        reduce=reduce,
+        sharded=sharded,
     )
+    return engine_outputs(params, state, new, blocks_out(u), state.step + 1)
 
 
 def koala_pp(

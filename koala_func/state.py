@@ -178,6 +178,22 @@ def _new_tensordict(src: dict, batch_size: torch.Size, device) -> TensorDict:
     return td
 
 
+def without_grad(td: TensorDictBase) -> TensorDictBase:
+    """``td`` with every leaf that requires grad detached (an ``nn.Parameter`` becomes a
+    plain tensor); ``td`` itself when none does. The other leaves are kept as they are.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> td = TensorDict(w=torch.nn.Parameter(torch.ones(2)), n=torch.tensor(3))
+        >>> out = without_grad(td)
+        >>> out["w"].requires_grad, type(out["w"]).__name__, out["n"] is td["n"]
+        (False, 'Tensor', True)
+    """
+    found = {k: t.detach() for k, t in leaves(td).items() if t.requires_grad}
+    return replace_leaves(td, found) if found else td
+
+
 def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> TensorDictBase:
     """A TensorDict shaped like ``td`` (same nesting, batch sizes and devices) whose leaves
     are ``new[key]`` where given and ``td``'s own elsewhere; ``td`` is not modified.

@@ -228,6 +228,108 @@ def test_functional_compiled_door_does_not_recompile_over_1000_steps():
     assert all(torch.isfinite(t).all() for t in params.values(True, True))
 
 
+def test_compiled_step_over_raw_from_module_compiles_one_graph():
+    """``torch.compile(opt.step)`` over ``TensorDict.from_module(model)`` as it comes
+    (``nn.Parameter`` leaves, an integer buffer): the first call and the later ones, on the
+    steps' own plain tensors, share one graph over 20 steps with a changing loss and lr, and
+    every step equals the eager reference."""
+    from tensordict import TensorDict
+    from torch._dynamo.utils import counters
+
+    import koala_func as kf
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2)
+    ).double()
+    params = TensorDict.from_module(model)
+    assert isinstance(params["0", "weight"], torch.nn.Parameter)
+    floats = [k for k, v in params.items(True, True) if v.is_floating_point()]
+    g = torch.Generator().manual_seed(1)
+    grads = TensorDict(
+        {k: torch.randn(params.get(k).shape, generator=g, dtype=F64) for k in floats}
+    )
+    opt = kf.koala_pp(lr=0.5, weight_decay=1e-3)
+    state = ref_state = opt.init(params)
+    ref = params
+    # backend "eager": Dynamo's capture and guards, the part that decides the graph count
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    before = counters["stats"]["unique_graphs"] - _op_graphs()
+    for i in range(20):
+        # from the second call on, a recompile raises (the first compiles: another test's
+        # graph of the same frame may exist, for other shapes)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            loss = torch.tensor(0.9 - 0.01 * i, dtype=F64)
+            params, state = step(params, grads, loss, state)
+            ref, ref_state = opt.step(ref, grads, loss, ref_state)
+            lr = torch.tensor(0.5 * 0.95**i, dtype=F64)
+            state, ref_state = state.with_hyperparams(lr=lr), ref_state.with_hyperparams(lr=lr)
+            for k in floats:
+                assert rel_dev(params.get(k), ref.get(k)) < 1e-12, (i, k)
+    assert counters["stats"]["unique_graphs"] - _op_graphs() - before == 1
+    assert params["1", "num_batches_tracked"] is ref["1", "num_batches_tracked"]
+    assert not any(params.get(k).requires_grad for k in floats)
+
+
+def test_step_inlined_into_a_users_compiled_function_is_one_graph():
+    """A user's compiled function that calls ``opt.step`` traces it into its own graph (one
+    graph, fullgraph), equal to the eager reference."""
+    from tensordict import TensorDict
+
+    import koala_func as kf
+
+    g = torch.Generator().manual_seed(2)
+    params = TensorDict(w=torch.randn(3, 4, generator=g, dtype=F64), b=torch.zeros(4, dtype=F64))
+    opt = kf.koala_pp(lr=0.5)
+
+    def train(params, state, target):
+        grads = params.apply(lambda p: p - target)
+        loss = sum((p - target).square().sum() for p in params.values()) / 2
+        return opt.step(params, grads, loss, state)
+
+    compiled = torch.compile(train, fullgraph=True, backend="eager")
+    state = ref_state = opt.init(params)
+    ref = params
+    target = torch.tensor(0.3, dtype=F64)
+    for i in range(5):
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            params, state = compiled(params, state, target)
+            ref, ref_state = train(ref, ref_state, target)
+    for k in ("w", "b"):
+        assert rel_dev(params[k], ref[k]) < 1e-12
+    assert torch.equal(state.count, ref_state.count)
+
+
+def test_compiled_step_takes_a_second_model_with_the_same_keys_and_other_sizes():
+    """A sweep over widths in one process: Dynamo sees the same leaf names with new sizes,
+    which would make them dynamic; the compiled step stays static and correct."""
+    from tensordict import TensorDict
+
+    import koala_func as kf
+
+    for width in (9, 5, 7):
+        torch.manual_seed(width)
+        model = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 2)).double()
+        params = TensorDict.from_module(model)
+        grads = params.apply(lambda t: torch.randn_like(t) * 0.1)
+        opt = kf.koala_pp(lr=0.5)
+        step = torch.compile(opt.step, fullgraph=True, backend="eager")
+        new, state = step(params, grads, torch.tensor(0.7, dtype=F64), opt.init(params))
+        ref, ref_state = opt.step(params, grads, torch.tensor(0.7, dtype=F64), opt.init(params))
+        for k in ref.keys(True, True):
+            assert rel_dev(new.get(k), ref.get(k)) < 1e-12, (width, k)
+        assert torch.equal(state.count, ref_state.count)
+
+
+def _op_graphs() -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return sum(
+        len(_debug_get_cache_entry_list(f.__code__))
+        for f in (passes._overwrite, passes._overwrite_plain)
+    )
+
+
 @pytest.mark.slow
 def test_engine_kernel_count_does_not_grow_with_tensors():
     """The compiled functional step packs every tensor through one opaque op and returns
