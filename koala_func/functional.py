@@ -6,9 +6,11 @@ leaves passed through). Which implementation runs:
 - eagerly, the readable reference (:func:`koala_func.reference.reference_step`), exact;
 - inside ``torch.compile`` (``torch.compile(opt.step, fullgraph=True)``), the engine
   (:mod:`koala_func.engine`): the tensors are packed by one opaque op per buffer, so the graph
-  and its compile time do not grow with the number of tensors, and the results come back as
-  views of the packed outputs. Differentiable optimizers keep the reference (the packing op
-  has no autograd formula);
+  does not grow with the number of tensors, and the results come back as views of the packed
+  outputs. Compiled as a function of its own, ``step`` takes the TensorDicts apart eagerly and
+  only the engine on the leaves is traced (see ``_engine_frame``); traced inside a user's
+  compiled function, all of it is. Differentiable optimizers keep the reference (the packing
+  op has no autograd formula);
 - ``impl="engine"`` forces the engine eagerly too, ``impl="reference"`` never uses it.
 
 The in-place speed (no packing copies, no fresh outputs) is :class:`koala_func.KoalaPP`'s:
@@ -281,8 +283,8 @@ def _engine_frame(opt: KoalaPPTransform, keys, p, g, v, h, loss, blocks, hyper, 
 # ``_engine_frame``'s. Tracing TensorDicts costs about 15 ms per tensor at trace time; the
 # step also detaches ``TensorDict.from_module``'s nn.Parameters there, so the first call and
 # the later ones (on plain tensors) meet the same guards: one graph, not two. Inlined into a
-# user's compiled function, ``step`` is traced as usual. Without these hooks (another torch),
-# ``_step`` is compiled, as it is then.
+# user's compiled function, ``step`` is traced as usual. On a torch without these hooks,
+# Dynamo compiles ``step`` whole, TensorDicts included (slower to compile, same results).
 _FRAME_HOOK = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", None)
 if hasattr(torch._dynamo.eval_frame, "skip_code") and _FRAME_HOOK is not None:
     torch._dynamo.eval_frame.skip_code(KoalaPPTransform.step.__code__)
@@ -320,12 +322,12 @@ def layouts_for(
     """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
     the indices of its tensors; cached by structure, so a compiled step builds them once."""
     # Per tensor only what the guards fix; the rest is worked out in _groups (plain Python).
-    compiling = torch.compiler.is_compiling()
     sig = tuple((t.shape, t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
     key = (sig, tuple(blocks), state_dtype, flags, n_lead)
     # Inside a compiled graph the layout is built at trace time only; a cache lookup there
     # would add a guard on the cache that fails once the entry exists (a recompile).
+    compiling = torch.compiler.is_compiling()
     found = None if compiling else _LAYOUTS.get(key)
     if found is None:
         found = [

@@ -212,6 +212,7 @@ def test_functional_compiled_door_does_not_recompile_over_1000_steps():
 
     runner = FunctionalRunner(COMPILED_F64, compiled=True)
     runner.step()  # compiles, or hits the graph the parity test compiled
+    op_graphs = _op_graphs()
     fn, state, params = runner.step_fn, runner.st, runner.p
     x, y = batch(0, F64)
     g, losses = grads_and_losses(runner.params()[0], x, y)
@@ -225,6 +226,9 @@ def test_functional_compiled_door_does_not_recompile_over_1000_steps():
                 state = state.with_hyperparams(q=0.05, sigma=0.2, weight_decay=1e-3, alpha_r=0.8)
             params, state = fn(params, grads, losses * (1 + 0.001 * k), state)
     assert int(state.step) == 1001
+    # nor does the update op's own kernel compile again (its inputs' dispatch keys once
+    # differed between a graph's first call and the later ones)
+    assert _op_graphs() == op_graphs
     assert all(torch.isfinite(t).all() for t in params.values(True, True))
 
 
@@ -266,7 +270,12 @@ def test_compiled_step_over_raw_from_module_compiles_one_graph():
             state, ref_state = state.with_hyperparams(lr=lr), ref_state.with_hyperparams(lr=lr)
             for k in floats:
                 assert rel_dev(params.get(k), ref.get(k)) < 1e-12, (i, k)
+        if i == 0:
+            op_graphs = _op_graphs()
     assert counters["stats"]["unique_graphs"] - _op_graphs() - before == 1
+    # nor does the update op's own kernel compile again (its inputs' dispatch keys once
+    # differed between the first call and the later ones)
+    assert _op_graphs() == op_graphs
     assert params["1", "num_batches_tracked"] is ref["1", "num_batches_tracked"]
     assert not any(params.get(k).requires_grad for k in floats)
 

@@ -199,7 +199,11 @@ def overwrite_update(
         eager(*args)
         return
     try:
-        fn(*args)
+        # One dispatch state for every call: the op is reached through its ADInplaceOrView
+        # kernel from a compiled graph and directly from an eager one, and Dynamo guards on the
+        # inputs' dispatch keys (which include this state): a second graph otherwise.
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            fn(*args)
     except Exception as err:  # the caller's backend works here, inductor does not
         warnings.warn(
             f"koala_func: compiling the update kernel failed ({type(err).__name__}: {err}); "
