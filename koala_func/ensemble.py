@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
-from koala_func._validation import Scalar, check_hyperparameters, check_state, check_step_inputs
+from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
 from koala_func.engine.layout import pack_in_graph
 from koala_func.functional import (
@@ -52,7 +52,6 @@ from koala_func.state import (
     HYPERPARAMETERS,
     KoalaPPHyperparams,
     KoalaPPState,
-    blocks_of,
     float_keys,
     leaves,
     replace_fields,
@@ -355,19 +354,14 @@ class _EngineEnsembleStep:
         if torch.compiler.is_compiling():
             return self._members(params, grads, loss, state)
         opt = self.opt
-        p_leaves, g_leaves = leaves(params), leaves(grads)
-        keys = float_keys(p_leaves)
+        keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 1)
         if not keys:
             if self._traced is None:
                 fn = _with_own_code(self._members, "ensemble_step")
                 self._traced = torch.compile(fn, **self._kwargs)
             return self._traced(params, grads, loss, state)
         n = ensemble_size(params)
-        check_step_inputs(keys, p_leaves, g_leaves, loss, 1)
-        v_leaves, h_leaves = leaves(state.v), leaves(state.h_prev)
-        n_blocks = len(blocks_of(keys, opt.granularity))
-        check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
-        opt._check_loss(loss, 1)
+        h_leaves = leaves(state.h_prev)
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]

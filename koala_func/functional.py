@@ -178,13 +178,15 @@ class KoalaPPTransform:
             >>> bool((new["w"] < params["w"]).all())
             True
         """
-        if not torch.compiler.is_compiling():
-            if not self.differentiable:
-                params = _without_grad(params)
-            # A torch.compile frame hook is set: opt.step is called as a compiled function.
-            # (Inlined here, not a helper: a function called from this frame is compiled.)
-            hooked = _FRAME_HOOK is not None and _FRAME_HOOK() not in (None, False)
-            if hooked and self.impl != "reference" and not self.differentiable:
+        # A torch.compile frame hook is set: opt.step is called as a compiled function.
+        # (Inlined here, not a helper: a function called from this frame is compiled.)
+        hooked = not torch.compiler.is_compiling() and (
+            _FRAME_HOOK is not None and _FRAME_HOOK() not in (None, False)
+        )
+        if hooked and not self.differentiable:
+            # the compiled frame then sees the same leaf types on every call (see below)
+            params = _without_grad(params)
+            if self.impl != "reference":
                 # torch.compile(opt.step): the TensorDict work runs here, eagerly, and only
                 # _engine_frame (tensors in, tensors out) is traced and compiled.
                 found = _engine_inputs(self, params, grads, loss, state)
@@ -197,7 +199,9 @@ class KoalaPPTransform:
                     return _engine_outputs(params, state, *out)
         return self._step(params, grads, loss, state, n_lead=0)
 
-    def _step(self, params, grads, loss, state, n_lead: int):
+    def _checked_leaves(self, params, grads, loss, state, n_lead: int):
+        """``(keys, params, grads, v)``: the float keys and the leaves by key, once the inputs
+        passed the structural checks (no values read)."""
         p_leaves, g_leaves = leaves(params), leaves(grads)
         keys = float_keys(p_leaves)
         check_step_inputs(keys, p_leaves, g_leaves, loss, n_lead)
@@ -205,6 +209,12 @@ class KoalaPPTransform:
         n_blocks = len(blocks_of(keys, self.granularity))
         check_state(keys, p_leaves, v_leaves, state.s.shape[-1], n_blocks)
         self._check_loss(loss, n_lead)
+        return keys, p_leaves, g_leaves, v_leaves
+
+    def _step(self, params, grads, loss, state, n_lead: int):
+        keys, p_leaves, g_leaves, v_leaves = self._checked_leaves(
+            params, grads, loss, state, n_lead
+        )
         engine = self.impl == "engine" or (
             self.impl == "auto" and torch.compiler.is_compiling() and not self.differentiable
         )
@@ -244,35 +254,19 @@ class KoalaPPTransform:
 def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
     """What :func:`_engine_frame` takes (the checks of ``_step`` done eagerly), or ``None``
     when ``params`` has no floating-point leaf."""
-    p_leaves, g_leaves = leaves(params), leaves(grads)
-    keys = float_keys(p_leaves)
+    keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 0)
     if not keys:
         return None
-    check_step_inputs(keys, p_leaves, g_leaves, loss, 0)
-    v_leaves = leaves(state.v)
-    check_state(keys, p_leaves, v_leaves, state.s.shape[-1], len(blocks_of(keys, opt.granularity)))
-    opt._check_loss(loss, 0)
     p = {k: p_leaves[k] for k in keys}
     g = {k: g_leaves[k] for k in keys if k in g_leaves}
     h = leaves(state.h_prev)
-    blocks = (state.s, state.count, state.skipped, state.r_est)
-    hyper = tuple(getattr(state.hyper, k) for k in HYPERPARAMETERS)
-    return keys, p, g, v_leaves, h, loss, blocks, hyper, state.step
+    return keys, p, g, v_leaves, h, loss, blocks_in(state), hyper_of(state.hyper), state.step
 
 
 def _engine_frame(opt: KoalaPPTransform, keys, p, g, v, h, loss, blocks, hyper, step):
     """The compiled part of ``torch.compile(opt.step)``: the engine on leaf dicts."""
     with torch.no_grad():
-        s, count, skipped, r_est = blocks
-        new, u = engine_leaves(
-            opt,
-            keys,
-            (p, g, v, h),
-            loss,
-            Blocks(s, count, skipped, r_est.unsqueeze(-1)),
-            Hyper(*(t.unsqueeze(-1) for t in hyper)),
-            0,
-        )
+        new, u = engine_leaves(opt, keys, (p, g, v, h), loss, blocks, hyper, 0)
         return new, blocks_out(u), step + 1
 
 

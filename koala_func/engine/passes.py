@@ -150,12 +150,7 @@ def _write_updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst
     each element is read before it is written)."""
     new = _updated(buf, wd_c, cf, tile, cf.dtype)
     for into, x in zip(dst, new, strict=True):
-        if tile is None and into.is_contiguous():
-            # the result's own [rows, C] shape: a loop of the same shape as the one that
-            # computes it, which inductor fuses (a [*lead, n_chunks, C] copy would be a second
-            # loop, re-reading v_k from a temporary)
-            into.view(x.shape).copy_(x)
-        elif tile is None:
+        if tile is None:
             into.copy_(x.view(into.shape))
         else:
             into[..., tile, :].copy_(x)
