@@ -160,13 +160,19 @@ def replace_fields(obj: TensorClass, **changes) -> TensorClass:
     if unknown:
         raise TypeError(f"unknown field {sorted(unknown)[0]!r}")
     src = {**td._tensordict, **changes}
-    return type(obj)._from_tensordict(TensorDict(src, batch_size=td.batch_size, device=td.device))
+    return type(obj)._from_tensordict(_new_tensordict(src, td.batch_size, td.device))
 
 
 def _new_tensordict(src: dict, batch_size: torch.Size, device) -> TensorDict:
     """A TensorDict over ``src`` (already valid: leaves and TensorDicts of ``batch_size``)."""
-    if not torch.compiler.is_compiling():
-        return TensorDict._new_unsafe(src, batch_size=batch_size, device=device, nested=False)
+    return _tensordict_maker()(src, batch_size, device)
+
+
+def _new_unsafe(src: dict, batch_size: torch.Size, device) -> TensorDict:
+    return TensorDict._new_unsafe(src, batch_size=batch_size, device=device, nested=False)
+
+
+def _new_traced(src: dict, batch_size: torch.Size, device) -> TensorDict:
     # What _new_unsafe does eagerly. Under torch.compile it calls the full constructor instead,
     # which (with reading batch_size and device through their properties) costs Dynamo about
     # 30 ms per nested TensorDict: seconds for a model's parameters, state and results.
@@ -176,6 +182,11 @@ def _new_tensordict(src: dict, batch_size: torch.Size, device) -> TensorDict:
     td._batch_size = batch_size
     td._td_dim_names = None
     return td
+
+
+def _tensordict_maker():
+    """How to build a TensorDict over valid contents here (decided once per tree)."""
+    return _new_traced if torch.compiler.is_compiling() else _new_unsafe
 
 
 def without_grad(td: TensorDictBase) -> TensorDictBase:
@@ -208,29 +219,30 @@ def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> Te
         >>> replace_leaves(td, {("b", "c"): torch.ones(1)})["b", "c"].tolist()
         [1.0]
     """
-    if _plain(td):
-        return _build(td, (), new)
+    out = _build(td, (), new, _tensordict_maker())
+    if out is not None:
+        return out
     out = td.copy()
     for key, value in new.items():
         out.set(key, value)
     return out
 
 
-def _plain(t: TensorDictBase) -> bool:
-    return type(t) is TensorDict and all(
-        isinstance(v, torch.Tensor) or _plain(v) for v in t._tensordict.values()
-    )
-
-
-def _build(t: TensorDictBase, prefix: tuple, new: dict) -> TensorDict:
+def _build(t: TensorDictBase, prefix: tuple, new: dict, make) -> TensorDict | None:
+    """``t`` rebuilt over plain dicts with ``new``'s leaves; ``None`` if ``t`` holds anything
+    but plain TensorDicts and tensors (other types go through ``set``)."""
+    if type(t) is not TensorDict:
+        return None
     src = {}
     for k, v in t._tensordict.items():
-        key = (*prefix, k)
         if isinstance(v, torch.Tensor):
-            src[k] = new.get(key if prefix else k, v)
-        else:
-            src[k] = _build(v, key, new)
-    return _new_tensordict(src, t._batch_size, t._device)
+            src[k] = new.get((*prefix, k) if prefix else k, v)
+            continue
+        sub = _build(v, (*prefix, k), new, make)
+        if sub is None:
+            return None
+        src[k] = sub
+    return make(src, t._batch_size, t._device)
 
 
 def float_keys(params: TensorDictBase | dict[NestedKey, torch.Tensor]) -> list[NestedKey]:

@@ -167,3 +167,19 @@ def test_cold_compile_rows_are_medians_and_their_ratio_is_taken_round_by_round()
 def test_cold_compile_reports_a_failure_instead_of_raising():
     res = cold_compile.measure("functional", 3, timeout=0.01)
     assert res["door"] == "functional" and "error" in res
+
+
+def test_pass_breakdown_times_the_engines_passes():
+    """bench_passes times the engine's own passes beside the door and Adam, and the report
+    renders every row with its ratio (timings are not checked)."""
+    from benchmarks import bench_passes
+
+    res = bench_passes.run(reps=2, shapes=[(8, 4), (4,)])
+    assert list(res["ms"]) == list(bench_passes.TRAFFIC)
+    assert all(ms > 0 for ms in res["ms"].values())
+    assert res["x_adam"][bench_passes.ADAM] == 1.0
+    lines = report.passes_section({"passes": res})
+    for name in bench_passes.TRAFFIC:
+        row = next(line for line in lines if line.startswith(f"| {name} |"))
+        assert f"{res['x_adam'][name]:.2f} |" in row
+    assert report.passes_section({}) == []

@@ -227,7 +227,8 @@ def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
     assert not all(views.get(k).is_contiguous() for k in floats)
 
     hyper = member_hyper(ensemble_size(params))
-    run_ensemble(step, opt, params, hyper, 1, True)  # warm
+    # warm both graphs: a first step packs contiguous params, later steps read them in place
+    run_ensemble(step, opt, params, hyper, 2, True)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     # a pack: an eager Layout.pack, or tensors handed to the graph to pack (a small layout)
     packs = []
@@ -273,6 +274,58 @@ def test_recycled_buffers_never_overwrite_live_results(compiled_opt_step):
     assert ptrs[2] not in ptrs[3:]  # ... but never one the caller holds
     assert_close_td(kept["p"], kept["values"], 0)
     assert_close_td(kept["state"].v, kept["v"], 0)
+
+
+def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
+    compiled_opt_step, monkeypatch
+):
+    """A step fed its own results finds their buffers by identity (no geometry check); a
+    result leaf replaced in its TensorDict, or moved onto other memory with ``set_``, is read
+    where it now is, never from the buffer it left."""
+    from koala_func.engine import Layout
+    from koala_func.state import replace_fields
+
+    opt, step, params = compiled_opt_step
+    n = ensemble_size(params)
+    key = ("0", "weight")
+    geometry = []
+    original = Layout.packed_base
+    monkeypatch.setattr(Layout, "packed_base", lambda *a: geometry.append(1) or original(*a))
+
+    def steps(edit):
+        state = ensemble_init(opt, params, **member_hyper(n))
+        p = params
+        for k in range(3):
+            p, state = step(p, make_grads(params, k), make_loss(n, k, True), state)
+            if k == 0:
+                p, state = edit(p, state)
+        return p, state
+
+    def replaced(p, s):
+        p = p.apply(lambda t: t + 0.25)  # new leaves everywhere
+        return p, replace_fields(s, v=s.v.clone())
+
+    ref_p, ref_s = steps(replaced)
+    geometry.clear()
+    chained_p, _ = steps(lambda p, s: (p, s))
+    # the first step checks the geometry of params, v, h_prev and the gradients; later steps
+    # only that of the gradients (fresh tensors)
+    assert len(geometry) == 4 + 2
+
+    def moved(p, s):
+        for k in p.keys(True, True):
+            leaf = p.get(k)
+            leaf.set_(leaf + 0.25)  # the same tensor objects, on new memory
+        v = s.v
+        for k in v.keys(True, True):
+            leaf = v.get(k)
+            leaf.set_(leaf.clone())
+        return p, s
+
+    got_p, got_s = steps(moved)
+    assert_close_td(got_p, ref_p, 0)
+    assert_same_state(got_s, ref_s, 0)
+    assert not torch.equal(chained_p.get(key), ref_p.get(key))  # the edit mattered
 
 
 def test_compiled_vmap_one_graph(compiled_opt_step):

@@ -362,6 +362,7 @@ class Layout:
             g["view_strides"],
         )
         self._dense_strides = g["dense_strides"]  # contiguous strides of each shape
+        self._view_geometries: dict[tuple, list[tuple]] = {}  # see _view_geometry
         self.dtype = dtype
         self.device = torch.device(device)
         # From a constant list: inside a graph a constant tensor, not a repeat_interleave
@@ -432,7 +433,18 @@ class Layout:
         ]
 
     def _view_geometry(self, lead: tuple, lead_strides: Sequence[int]) -> list[tuple]:
-        """``(shape, stride, offset in the buffer)`` of each tensor's view (see :meth:`views`)."""
+        """``(shape, stride, offset in the buffer)`` of each tensor's view (see :meth:`views`),
+        cached eagerly: every step of a door asks for the same few (traced, a cache would be a
+        guarded side effect)."""
+        if torch.compiler.is_compiling():
+            return self._compute_geometry(lead, lead_strides)
+        key = (lead, tuple(lead_strides))
+        found = self._view_geometries.get(key)
+        if found is None:
+            found = self._view_geometries[key] = self._compute_geometry(lead, lead_strides)
+        return found
+
+    def _compute_geometry(self, lead: tuple, lead_strides: Sequence[int]) -> list[tuple]:
         C = self.chunk_size
         if lead:  # member rows: each tensor contiguous within its row
             return [

@@ -113,6 +113,19 @@ def _inputs(buf: Buffers, wd_c: torch.Tensor | None, tile: slice | None, cdt: to
     return theta, g, v, h, H
 
 
+def partial_sums(
+    buf: Buffers, wd_c: torch.Tensor | None, tile: slice | None, cdt: torch.dtype
+) -> torch.Tensor:
+    """Pass 1 over ``tile`` (``None``: every row): the per-chunk partial sums
+    ``[..., n_chunks, 7]`` of :data:`~koala_func.engine.math.DOTS` (``wd_c``: the weight decay
+    per chunk; ``None``: none, and theta is not read)."""
+    theta, g, v, h, H = _inputs(buf, wd_c, tile, cdt)
+    tt = (theta * theta).sum(-1) if wd_c is not None else torch.zeros_like(g[..., 0])
+    parts = [(g * g).sum(-1), (H * H).sum(-1), (H * h).sum(-1), (H * v).sum(-1)]
+    parts += [(h * h).sum(-1), (h * v).sum(-1), tt]
+    return torch.stack(parts, dim=-1).view(*buf.g.shape[:-2], -1, len(DOTS))
+
+
 def _updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, cdt: torch.dtype):
     """The new ``theta, v, h`` of ``tile`` (``cf``: the per-chunk coefficients, see :func:`run`),
     in the compute dtype ``cdt``.
@@ -145,7 +158,7 @@ def _coefficients(u: BlockUpdate, q: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.broadcast_tensors(a, c, b, scale, d, ok.to(a.dtype)), dim=-1)
 
 
-def _write_updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst) -> None:
+def write_update(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst) -> None:
     """:func:`_updated` written into ``dst`` (``theta, v, h`` buffers; may be ``buf``'s own:
     each element is read before it is written)."""
     new = _updated(buf, wd_c, cf, tile, cf.dtype)
@@ -157,11 +170,11 @@ def _write_updated(buf: Buffers, wd_c, cf: torch.Tensor, tile: slice | None, dst
 
 
 def _overwrite(theta, g, v, h, cf, wd_c) -> None:
-    _write_updated(Buffers(theta, g, v, h), wd_c, cf, None, (theta, v, h))
+    write_update(Buffers(theta, g, v, h), wd_c, cf, None, (theta, v, h))
 
 
 def _overwrite_plain(theta, g, v, h, cf) -> None:
-    _write_updated(Buffers(theta, g, v, h), None, cf, None, (theta, v, h))
+    write_update(Buffers(theta, g, v, h), None, cf, None, (theta, v, h))
 
 
 # Two functions, not one with an optional argument: Dynamo caches by code object, and each
@@ -296,22 +309,8 @@ def run(
     for owner, buf, wd_c, shard, layout_tiles in zip(
         owners, bufs, wds, sharded, tiles, strict=True
     ):
-        lead = buf.g.shape[:-2]
         for tile in layout_tiles:
-            theta, g, v, h, H = _inputs(buf, wd_c, tile, cdt)
-            tt = (theta * theta).sum(-1) if decay else torch.zeros_like(g[..., 0])
-            parts = torch.stack(
-                [
-                    (g * g).sum(-1),
-                    (H * H).sum(-1),
-                    (H * h).sum(-1),
-                    (H * v).sum(-1),
-                    (h * h).sum(-1),
-                    (h * v).sum(-1),
-                    tt,
-                ],
-                dim=-1,
-            ).view(*lead, -1, len(DOTS))
+            parts = partial_sums(buf, wd_c, tile, cdt)
             d = _block_sums(parts, owner if tile is None else owner[tile], n_blocks)
             dots[shard] = d if dots[shard] is None else dots[shard] + d
 
@@ -366,7 +365,7 @@ def run(
             overwrite_update(*buf, _rows(cf, None), None if wd_c is None else _rows(wd_c, None))
         else:
             for tile in layout_tiles:
-                _write_updated(buf, wd_c, cf, tile, dst)
+                write_update(buf, wd_c, cf, tile, dst)
         results.append(tuple(dst))
     if inplace:
         for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
