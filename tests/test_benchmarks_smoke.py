@@ -183,3 +183,15 @@ def test_pass_breakdown_times_the_engines_passes():
         row = next(line for line in lines if line.startswith(f"| {name} |"))
         assert f"{res['x_adam'][name]:.2f} |" in row
     assert report.passes_section({}) == []
+
+
+def test_ensemble_profile_splits_a_call_into_kernel_guards_and_the_rest():
+    """profile_ensemble finds the compiled kernel and the guard check in the profile (a
+    renamed profiler event would leave them at 0) and its parts add up to the wall time."""
+    from benchmarks import profile_ensemble
+
+    r = profile_ensemble.run(members=3, calls=3)
+    assert r["call"] > 0
+    assert 0 < r["kernel"] <= r["region"] < r["wall"]
+    assert r["guards"] > 0
+    assert abs(r["region"] + r["guards"] + r["outside"] - r["wall"]) < 1e-9

@@ -1,0 +1,67 @@
+"""Where an ensemble call's time goes: the compiled kernel, Dynamo's guard check, and the rest.
+
+    python -m benchmarks.profile_ensemble            # E = 64 members of the 64-64-64-10 MLP
+
+The one-call ``ensemble_step`` of the report's ensemble table, timed back to back (median of
+5 x 200 calls), then under ``torch.profiler`` over 50 calls. *outside* is the profiled wall
+time not spent in the compiled region or the guard check: the Python that takes the
+TensorDicts apart and builds the results, plus the profiler's own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.harness import ENS, _ensemble_case
+
+
+def run(members: int = 64, calls: int = 50) -> dict[str, float]:
+    """Milliseconds a call: ``call`` unprofiled; ``wall``, ``kernel``, ``region``, ``guards``
+    and ``outside`` profiled."""
+    case = _ensemble_case(ENS, members, 5e-4, "cpu")
+    for _ in range(30):  # compile, warm
+        case.fn()
+    rounds = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(200):
+            case.fn()
+        rounds.append((time.perf_counter() - t) / 200 * 1e3)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            case.fn()
+    wall = (time.perf_counter() - t) / calls * 1e3
+    ev = {e.key: e.cpu_time_total / calls / 1e3 for e in prof.key_averages()}
+
+    def total(match) -> float:
+        return sum(v for k, v in ev.items() if match(k))
+
+    region = total(lambda k: k.startswith("Torch-Compiled Region"))
+    guards = total(lambda k: "Cache Lookup" in k)
+    return {
+        "call": statistics.median(rounds),
+        "wall": wall,
+        "kernel": total(lambda k: k.startswith("## Call CompiledFxGraph")),
+        "region": region,
+        "guards": guards,
+        "outside": wall - region - guards,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--members", type=int, default=64)
+    args = ap.parse_args(argv)
+    r = run(args.members)
+    print(f"E={args.members}: {r['call']:.3f} ms a call; profiled {r['wall']:.3f} ms a call:")
+    for k in ("kernel", "region", "guards", "outside"):
+        print(f"  {k:8s} {r[k]:.3f} ms  {r[k] / r['wall']:4.0%}")
+
+
+if __name__ == "__main__":
+    main()
