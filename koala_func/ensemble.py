@@ -405,29 +405,34 @@ class _EngineEnsembleStep:
 
 # The packed buffers of a step's results, by the first view handed out: a step fed those views
 # back (the usual loop) finds its buffers by identity, without packed_base's geometry checks.
-Handed = dict[int, tuple[weakref.ref, tuple[weakref.ref, ...], tuple[int, ...]]]
+Handed = dict[int, tuple[weakref.ref, tuple[weakref.ref, ...], tuple[tuple, ...]]]
+
+
+def _where_is(t: torch.Tensor) -> tuple:
+    """What an in-place ``set_``, ``.data =``, ``t_()`` or ``resize_`` would change."""
+    return t.data_ptr(), t.stride(), t.shape
 
 
 def _hand(handed: Handed, buf: torch.Tensor, views: list[torch.Tensor]) -> None:
     refs = tuple(weakref.ref(t) for t in views)
-    handed[id(views[0])] = (weakref.ref(buf), refs, tuple(t.data_ptr() for t in views))
+    handed[id(views[0])] = (weakref.ref(buf), refs, tuple(_where_is(t) for t in views))
 
 
 def _handed_base(handed: Handed, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
     """The buffer whose views, handed out by the last step, ``tensors`` are: the same objects,
-    still on the same memory (``set_`` or ``.data =`` would move one); else ``None``."""
+    still on the same memory with the same shape and strides; else ``None``."""
     first = tensors[0] if tensors else None
     entry = handed.get(id(first)) if first is not None else None
     if entry is None:
         return None
-    buf_ref, refs, ptrs = entry
+    buf_ref, refs, places = entry
     buf = buf_ref()
     if (
         buf is None
         or buf.dtype != dtype
         or len(refs) != len(tensors)
         or any(t is not r() for t, r in zip(tensors, refs, strict=True))
-        or any(t.data_ptr() != p for t, p in zip(tensors, ptrs, strict=True))
+        or any(_where_is(t) != p for t, p in zip(tensors, places, strict=True))
     ):
         return None
     return buf

@@ -283,7 +283,7 @@ def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
     result leaf replaced in its TensorDict, or moved onto other memory with ``set_``, is read
     where it now is, never from the buffer it left."""
     from koala_func.engine import Layout
-    from koala_func.state import replace_fields
+    from koala_func.state import replace_fields, replace_leaves
 
     opt, step, params = compiled_opt_step
     n = ensemble_size(params)
@@ -326,6 +326,24 @@ def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
     assert_close_td(got_p, ref_p, 0)
     assert_same_state(got_s, ref_s, 0)
     assert not torch.equal(chained_p.get(key), ref_p.get(key))  # the edit mattered
+
+    # Restrided in place (same object, same memory, same shape): read as the new strides say.
+    def column_major(t):
+        return t.shape, (t.stride(0), 1, t.shape[1]), t.storage_offset()
+
+    def restrided(p, s):
+        p.get(key).as_strided_(*column_major(p.get(key)))
+        return p, s
+
+    def restrided_copy(p, s):
+        leaf = p.get(key)
+        return replace_leaves(p, {key: leaf.as_strided(*column_major(leaf)).clone()}), s
+
+    got_p, got_s = steps(restrided)
+    ref_p, ref_s = steps(restrided_copy)
+    assert_close_td(got_p, ref_p, 0)
+    assert_same_state(got_s, ref_s, 0)
+    assert not torch.equal(chained_p.get(key), ref_p.get(key))
 
 
 def test_compiled_vmap_one_graph(compiled_opt_step):
