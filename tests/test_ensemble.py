@@ -280,8 +280,8 @@ def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
     compiled_opt_step, monkeypatch
 ):
     """A step fed its own results finds their buffers by identity (no geometry check); a
-    result leaf replaced in its TensorDict, or moved onto other memory with ``set_``, is read
-    where it now is, never from the buffer it left."""
+    result leaf replaced in its TensorDict, moved onto other memory with ``set_`` or restrided
+    in place is read where and as it now is, never from the buffer it left."""
     from koala_func.engine import Layout
     from koala_func.state import replace_fields, replace_leaves
 
