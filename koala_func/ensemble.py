@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
@@ -356,6 +356,7 @@ class _EngineEnsembleStep:
         if torch.compiler.is_compiling():
             return self._members(params, grads, loss, state)
         opt = self.opt
+        state = _dense(state)
         keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 1)
         if not keys:
             if self._traced is None:
@@ -401,6 +402,14 @@ class _EngineEnsembleStep:
                 _hand(self._handed, buf, [by_key[keys[i]] for i in idx])
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
+
+
+def _dense(state):
+    """``state`` over one plain TensorDict: a lazy stack of member states
+    (``LazyStackedTensorDict.lazy_stack``) is stacked once, and the results are dense."""
+    if type(state._tensordict) is TensorDict:
+        return state
+    return torch.stack(state.unbind(0))  # members' states, stacked densely (as ensemble_init)
 
 
 # The packed buffers of a step's results, by the first view handed out: a step fed those views

@@ -133,6 +133,11 @@ def leaves(td: TensorDictBase) -> dict[NestedKey, torch.Tensor]:
 # Module-level recursion, not nested closures: a closure that calls itself is a reference
 # cycle, which would keep every leaf it saw alive until the garbage collector runs.
 def _walk(t: TensorDictBase, prefix: tuple, out: dict) -> None:
+    if not hasattr(t, "_tensordict"):  # a lazy stack, say: through the public API
+        for k, v in t.items(include_nested=True, leaves_only=True):
+            key = (*prefix, *((k,) if isinstance(k, str) else k))
+            out[key if len(key) > 1 else key[0]] = v
+        return
     for k, v in t._tensordict.items():
         key = (*prefix, k)
         if isinstance(v, torch.Tensor):

@@ -346,6 +346,31 @@ def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
     assert not torch.equal(chained_p.get(key), ref_p.get(key))
 
 
+def test_lazily_stacked_members_step_like_dense_ones(compiled_opt_step):
+    """Member params and states joined by ``LazyStackedTensorDict.lazy_stack`` (not copied
+    into one TensorDict) step exactly like ``torch.stack``-ed ones."""
+    from tensordict import LazyStackedTensorDict
+
+    opt, step, params = compiled_opt_step
+    n = ensemble_size(params)
+    members = [params[e].clone() for e in range(n)]
+    states = [opt.init(p) for p in members]
+
+    def run(p, state):
+        for k in range(2):
+            p, state = step(p, make_grads(params, k), make_loss(n, k, True), state)
+        return p, state
+
+    ref_p, ref_s = run(torch.stack(members), torch.stack(states))
+    lazy_state = type(states[0])._from_tensordict(
+        LazyStackedTensorDict.lazy_stack([s._tensordict for s in states])
+    )
+    lazy_p = LazyStackedTensorDict.lazy_stack(members)
+    got_p, got_s = run(lazy_p, lazy_state)
+    assert_close_td(got_p, ref_p, 0)
+    assert_same_state(got_s, ref_s, 0)
+
+
 def test_compiled_vmap_one_graph(compiled_opt_step):
     opt, step, params = compiled_opt_step
     run_ensemble(step, opt, params, member_hyper(2), 1, True)  # warm
