@@ -26,7 +26,6 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -350,7 +349,6 @@ class _EngineEnsembleStep:
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
-        self._handed: Handed = {}  # the last step's results (see _handed_base)
 
     def __call__(self, params, grads, loss, state):
         if torch.compiler.is_compiling():
@@ -367,16 +365,10 @@ class _EngineEnsembleStep:
         fields = state._tensordict._tensordict  # a TensorClass's fields: read once, directly
         hyper = fields["hyper"]._tensordict._tensordict
         h_leaves = leaves(fields["h_prev"])
-        handed, self._handed = self._handed, {}
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]
-
-            def packed(layout, tensors, dtype):
-                found = _handed_base(handed, tensors, dtype)
-                return found if found is not None else _in_place(layout, tensors, dtype)
-
-            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, packed)
+            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, _in_place)
             dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
             outs = [
                 (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
@@ -397,9 +389,6 @@ class _EngineEnsembleStep:
                 tuple(hyper[k] for k in _HYPER),
             )
             new = engine_views(plan, outs, 1)
-        for (_, idx), bufs_out in zip(plan.groups, outs, strict=True):
-            for buf, by_key in zip(bufs_out, new, strict=True):
-                _hand(self._handed, buf, [by_key[keys[i]] for i in idx])
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
@@ -410,41 +399,6 @@ def _dense(state):
     if type(state._tensordict) is TensorDict:
         return state
     return torch.stack(state.unbind(0))  # members' states, stacked densely (as ensemble_init)
-
-
-# The packed buffers of a step's results, by the first view handed out: a step fed those views
-# back (the usual loop) finds its buffers by identity, without packed_base's geometry checks.
-Handed = dict[int, tuple[weakref.ref, tuple[weakref.ref, ...], tuple[tuple, ...]]]
-
-
-def _where_is(t: torch.Tensor) -> tuple:
-    """What an in-place ``set_``, ``.data =``, ``t_()`` or ``resize_`` would change."""
-    return t.data_ptr(), t.stride(), t.shape
-
-
-def _hand(handed: Handed, buf: torch.Tensor, views: list[torch.Tensor]) -> None:
-    refs = tuple(weakref.ref(t) for t in views)
-    handed[id(views[0])] = (weakref.ref(buf), refs, tuple(_where_is(t) for t in views))
-
-
-def _handed_base(handed: Handed, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
-    """The buffer whose views, handed out by the last step, ``tensors`` are: the same objects,
-    still on the same memory with the same shape and strides; else ``None``."""
-    first = tensors[0] if tensors else None
-    entry = handed.get(id(first)) if first is not None else None
-    if entry is None:
-        return None
-    buf_ref, refs, places = entry
-    buf = buf_ref()
-    if (
-        buf is None
-        or buf.dtype != dtype
-        or len(refs) != len(tensors)
-        or any(t is not r() for t, r in zip(tensors, refs, strict=True))
-        or any(_where_is(t) != p for t, p in zip(tensors, places, strict=True))
-    ):
-        return None
-    return buf
 
 
 def _in_place(layout, tensors, dtype):

@@ -170,14 +170,8 @@ def replace_fields(obj: TensorClass, **changes) -> TensorClass:
 
 def _new_tensordict(src: dict, batch_size: torch.Size, device) -> TensorDict:
     """A TensorDict over ``src`` (already valid: leaves and TensorDicts of ``batch_size``)."""
-    return _tensordict_maker()(src, batch_size, device)
-
-
-def _new_unsafe(src: dict, batch_size: torch.Size, device) -> TensorDict:
-    return TensorDict._new_unsafe(src, batch_size=batch_size, device=device, nested=False)
-
-
-def _new_traced(src: dict, batch_size: torch.Size, device) -> TensorDict:
+    if not torch.compiler.is_compiling():
+        return TensorDict._new_unsafe(src, batch_size=batch_size, device=device, nested=False)
     # What _new_unsafe does eagerly. Under torch.compile it calls the full constructor instead,
     # which (with reading batch_size and device through their properties) costs Dynamo about
     # 30 ms per nested TensorDict: seconds for a model's parameters, state and results.
@@ -187,11 +181,6 @@ def _new_traced(src: dict, batch_size: torch.Size, device) -> TensorDict:
     td._batch_size = batch_size
     td._td_dim_names = None
     return td
-
-
-def _tensordict_maker():
-    """How to build a TensorDict over valid contents here (decided once per tree)."""
-    return _new_traced if torch.compiler.is_compiling() else _new_unsafe
 
 
 def without_grad(td: TensorDictBase) -> TensorDictBase:
@@ -224,7 +213,7 @@ def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> Te
         >>> replace_leaves(td, {("b", "c"): torch.ones(1)})["b", "c"].tolist()
         [1.0]
     """
-    out = _build(td, (), new, _tensordict_maker())
+    out = _build(td, (), new)
     if out is not None:
         return out
     out = td.copy()
@@ -233,7 +222,7 @@ def replace_leaves(td: TensorDictBase, new: dict[NestedKey, torch.Tensor]) -> Te
     return out
 
 
-def _build(t: TensorDictBase, prefix: tuple, new: dict, make) -> TensorDict | None:
+def _build(t: TensorDictBase, prefix: tuple, new: dict) -> TensorDict | None:
     """``t`` rebuilt over plain dicts with ``new``'s leaves; ``None`` if ``t`` holds anything
     but plain TensorDicts and tensors (other types go through ``set``)."""
     if type(t) is not TensorDict:
@@ -243,11 +232,11 @@ def _build(t: TensorDictBase, prefix: tuple, new: dict, make) -> TensorDict | No
         if isinstance(v, torch.Tensor):
             src[k] = new.get((*prefix, k) if prefix else k, v)
             continue
-        sub = _build(v, (*prefix, k), new, make)
+        sub = _build(v, (*prefix, k), new)
         if sub is None:
             return None
         src[k] = sub
-    return make(src, t._batch_size, t._device)
+    return _new_tensordict(src, t._batch_size, t._device)
 
 
 def float_keys(params: TensorDictBase | dict[NestedKey, torch.Tensor]) -> list[NestedKey]:

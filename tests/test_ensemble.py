@@ -276,21 +276,27 @@ def test_recycled_buffers_never_overwrite_live_results(compiled_opt_step):
     assert_close_td(kept["state"].v, kept["v"], 0)
 
 
-def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
+def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(
     compiled_opt_step, monkeypatch
 ):
-    """A step fed its own results finds their buffers by identity (no geometry check); a
-    result leaf replaced in its TensorDict, moved onto other memory with ``set_`` or restrided
-    in place is read where and as it now is, never from the buffer it left."""
+    """A step fed its own results reads their packed buffers in place; a result leaf replaced
+    in its TensorDict, moved onto other memory with ``set_`` or restrided in place is read
+    where and as it now is, never from the buffer it left."""
     from koala_func.engine import Layout
     from koala_func.state import replace_fields, replace_leaves
 
     opt, step, params = compiled_opt_step
     n = ensemble_size(params)
     key = ("0", "weight")
-    geometry = []
+    misses = []  # inputs that are not views of a packed buffer (packed by a copy)
     original = Layout.packed_base
-    monkeypatch.setattr(Layout, "packed_base", lambda *a: geometry.append(1) or original(*a))
+
+    def packed_base(*a):
+        found = original(*a)
+        misses.extend([1] if found is None else [])
+        return found
+
+    monkeypatch.setattr(Layout, "packed_base", packed_base)
 
     def steps(edit):
         state = ensemble_init(opt, params, **member_hyper(n))
@@ -306,11 +312,11 @@ def test_results_fed_back_are_found_by_identity_and_moved_leaves_are_read(
         return p, replace_fields(s, v=s.v.clone())
 
     ref_p, ref_s = steps(replaced)
-    geometry.clear()
+    misses.clear()
     chained_p, _ = steps(lambda p, s: (p, s))
-    # the first step checks the geometry of params, v, h_prev and the gradients; later steps
-    # only that of the gradients (fresh tensors)
-    assert len(geometry) == 4 + 2
+    # the first step packs the stacked params and the gradients (v, h_prev: ensemble_init's
+    # packed views); later steps only the gradients (fresh tensors)
+    assert len(misses) == 2 + 2
 
     def moved(p, s):
         for k in p.keys(True, True):
