@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import LazyStackedTensorDict, TensorDictBase, is_tensorclass
 
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
@@ -302,9 +302,17 @@ def ensemble_step(
     if compile and _uses_engine(step):
         return _EngineEnsembleStep(step, fullgraph=fullgraph, **compile_kwargs)
     fn = torch.vmap(_plain_step(step))
-    if not compile:
-        return fn
-    return torch.compile(_with_own_code(fn, "ensemble_step"), fullgraph=fullgraph, **compile_kwargs)
+    if compile:
+        fn = torch.compile(
+            _with_own_code(fn, "ensemble_step"), fullgraph=fullgraph, **compile_kwargs
+        )
+
+    def vmapped_step(params, grads, loss, state):
+        new_params, new_state = fn(_stacked(params), _stacked(grads), loss, _stacked(state))
+        return _as_given(params, new_params), new_state
+
+    vmapped_step._compiled = fn if compile else None
+    return vmapped_step
 
 
 class _EngineEnsembleStep:
@@ -354,7 +362,7 @@ class _EngineEnsembleStep:
         if torch.compiler.is_compiling():
             return self._members(params, grads, loss, state)
         opt = self.opt
-        state = _dense(state)
+        state = _stacked(state)
         keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 1)
         if not keys:
             if self._traced is None:
@@ -393,12 +401,22 @@ class _EngineEnsembleStep:
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
 
-def _dense(state):
-    """``state`` over one plain TensorDict: a lazy stack of member states
-    (``LazyStackedTensorDict.lazy_stack``) is stacked once, and the results are dense."""
-    if type(state._tensordict) is TensorDict:
-        return state
-    return torch.stack(state.unbind(0))  # members' states, stacked densely (as ensemble_init)
+def _stacked(x):
+    """``x`` densely stacked if it is a lazy stack (``LazyStackedTensorDict.lazy_stack``), or a
+    TensorClass over one, such as a state of stacked member states; else ``x`` itself.
+    ``torch.vmap`` batches a lazy stack's leaves but not its ``batch_size``, so a member's step
+    would see ``[E]`` there; the engine reads one plain dict of fields."""
+    lazy = isinstance(x, LazyStackedTensorDict) or (
+        is_tensorclass(x) and isinstance(x._tensordict, LazyStackedTensorDict)
+    )
+    return torch.stack(x.unbind(0)) if lazy else x
+
+
+def _as_given(params, new_params):
+    """``new_params`` lazily stacked where ``params`` were, as the engine door returns them."""
+    if not isinstance(params, LazyStackedTensorDict):
+        return new_params
+    return replace_leaves(params, leaves(new_params))
 
 
 def _in_place(layout, tensors, dtype):
@@ -486,10 +504,16 @@ def ensemble_train_step(
             return new_params, new_state, losses
 
         fn = torch.vmap(member_step, in_dims=(0, 0, dim, dim))
-        if not compile:
-            return fn
-    fn = _with_own_code(fn, "ensemble_train_step")
-    return torch.compile(fn, fullgraph=fullgraph, **compile_kwargs)
+    if compile:
+        fn = _with_own_code(fn, "ensemble_train_step")
+        fn = torch.compile(fn, fullgraph=fullgraph, **compile_kwargs)
+
+    def train_step(params, state, inputs, targets):
+        new_params, new_state, losses = fn(_stacked(params), _stacked(state), inputs, targets)
+        return _as_given(params, new_params), new_state, losses
+
+    train_step._compiled = fn if compile else None
+    return train_step
 
 
 def _uses_engine(step: Any) -> bool:

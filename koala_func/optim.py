@@ -365,9 +365,8 @@ class KoalaPP(torch.optim.Optimizer):
         # Reduced in the scalar dtype (float32 at least), as the functional door does: a
         # bfloat16 mean of the per-sample losses would shift R and the step by ~0.3%.
         dtype = torch.float32
-        for g in self.param_groups:
-            for p in g["params"]:
-                dtype = torch.promote_types(dtype, p.dtype)
+        for d in {p.dtype for g in self.param_groups for p in g["params"]}:  # one per dtype
+            dtype = torch.promote_types(dtype, d)
         if isinstance(loss, torch.Tensor):
             return loss.detach().to(dtype)
         return torch.tensor(float(loss), dtype=dtype)

@@ -377,6 +377,54 @@ def test_lazily_stacked_members_step_like_dense_ones(compiled_opt_step):
     assert_same_state(got_s, ref_s, 0)
 
 
+@pytest.mark.parametrize("door", ["ensemble_step(opt)", "ensemble_step(fn)", "train_step"])
+def test_lazily_stacked_members_through_the_vmapped_doors(door):
+    """``torch.vmap`` batches a lazy stack's leaves but not its ``batch_size``: the vmapped
+    doors (``compile=False``, custom step functions, ``ensemble_train_step``) stack lazily
+    stacked params, grads and states, step exactly like stacked ones and give lazily stacked
+    params back."""
+    from tensordict import LazyStackedTensorDict
+
+    opt = koala_pp(lr=0.3)
+    n = 5  # no leaf dimension of size n: a member's leaf must not pass for a batch of n
+    module = torch.nn.Linear(4, 3).double()
+    models = [torch.nn.Linear(4, 3).double() for _ in range(n)]
+    members = [TensorDict.from_module(m).detach().clone() for m in models]
+    x, y = make_data(n=12, d_in=4)
+
+    def custom(p, g, loss, state):
+        return opt.step(p, g, loss, state)
+
+    if door == "train_step":
+        train = ensemble_train_step(opt, module, ce_per_sample, compile=False)
+
+        def run(p, state):
+            for _ in range(2):
+                p, state, _ = train(p, state, x, y)
+            return p, state
+    else:
+        step = ensemble_step(opt if door == "ensemble_step(opt)" else custom, compile=False)
+        dense = torch.stack(members)
+
+        def run(p, state):
+            for k in range(2):
+                grads = make_grads(dense, k)
+                if isinstance(p, LazyStackedTensorDict):
+                    grads = LazyStackedTensorDict.lazy_stack(list(grads.unbind(0)))
+                p, state = step(p, grads, make_loss(n, k, True), state)
+            return p, state
+
+    states = [opt.init(p) for p in members]
+    lazy_state = type(states[0])._from_tensordict(
+        LazyStackedTensorDict.lazy_stack([s._tensordict for s in states])
+    )
+    ref_p, ref_s = run(torch.stack(members), torch.stack(states))
+    got_p, got_s = run(LazyStackedTensorDict.lazy_stack(members), lazy_state)
+    assert isinstance(got_p, LazyStackedTensorDict)
+    assert_close_td(got_p, ref_p, 0)
+    assert_same_state(got_s, ref_s, 0)
+
+
 def test_compiled_vmap_one_graph(compiled_opt_step):
     opt, step, params = compiled_opt_step
     run_ensemble(step, opt, params, member_hyper(2), 1, True)  # warm
@@ -532,7 +580,8 @@ def test_each_compiled_helper_has_its_own_dynamo_cache():
         ensemble_train_step(opt, module, ce_per_sample),
         ensemble_train_step(opt, module, ce_per_sample),
     ]
-    # an optimizer's ensemble_step compiles its packed core (``_packed``)
-    compiled = [getattr(f, "_packed", f) for f in fns]
+    # an optimizer's ensemble_step compiles its packed core (``_packed``), the vmapped doors
+    # their vmapped step (``_compiled``)
+    compiled = [getattr(f, "_packed", None) or f._compiled for f in fns]
     codes = {id(f._torchdynamo_orig_callable.__code__) for f in compiled}  # nothing compiled yet
     assert len(codes) == len(fns)
