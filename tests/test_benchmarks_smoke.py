@@ -182,6 +182,9 @@ def test_pass_breakdown_times_the_engines_passes():
     for name in bench_passes.TRAFFIC:
         row = next(line for line in lines if line.startswith(f"| {name} |"))
         assert f"{res['x_adam'][name]:.2f} |" in row
+    prose = lines[-2]  # the paragraph quotes the measured read-only floor and pass 2 sans h
+    for name in (bench_passes.READS, bench_passes.PASS2_NO_H, bench_passes.STEP):
+        assert f"{res['x_adam'][name]:.2f}x" in prose
     assert report.passes_section({}) == []
 
 
