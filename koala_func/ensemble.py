@@ -265,8 +265,10 @@ def ensemble_step(
             ``(params, grads, loss, state) -> (params, state)``.
         compile: compile the step (one graph for all members; changing ``E`` recompiles):
             the engine with a member dimension for an optimizer, ``torch.compile(torch.vmap
-            (step))`` for a step function or a differentiable optimizer. ``False`` returns the
-            eager ``torch.vmap(step)``.
+            (step))`` for a step function or a differentiable optimizer. ``False`` runs the
+            eager ``torch.vmap(step)``. The vmapped forms stack lazily stacked inputs
+            (``LazyStackedTensorDict.lazy_stack``) densely first and give lazily stacked
+            params back, as the engine does.
         fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
         **compile_kwargs: other ``torch.compile`` arguments (``mode``, ``dynamic``, ...).
 
