@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tensordict import LazyStackedTensorDict, TensorDictBase, is_tensorclass
+from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, is_tensorclass
 
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
@@ -405,11 +405,11 @@ class _EngineEnsembleStep:
 
 def _stacked(x):
     """``x`` densely stacked if it is a lazy stack (``LazyStackedTensorDict.lazy_stack``), or a
-    TensorClass over one, such as a state of stacked member states; else ``x`` itself.
-    ``torch.vmap`` batches a lazy stack's leaves but not its ``batch_size``, so a member's step
-    would see ``[E]`` there; the engine reads one plain dict of fields."""
+    TensorClass over anything but a plain TensorDict, such as a state of stacked member states;
+    else ``x`` itself. ``torch.vmap`` batches a lazy stack's leaves but not its ``batch_size``,
+    so a member's step would see ``[E]`` there; the engine reads one plain dict of fields."""
     lazy = isinstance(x, LazyStackedTensorDict) or (
-        is_tensorclass(x) and isinstance(x._tensordict, LazyStackedTensorDict)
+        is_tensorclass(x) and type(x._tensordict) is not TensorDict
     )
     return torch.stack(x.unbind(0)) if lazy else x
 
