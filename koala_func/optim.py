@@ -364,9 +364,7 @@ class KoalaPP(torch.optim.Optimizer):
     def _as_loss(self, loss: torch.Tensor | float) -> torch.Tensor:
         # Reduced in the scalar dtype (float32 at least), as the functional door does: a
         # bfloat16 mean of the per-sample losses would shift R and the step by ~0.3%.
-        dtype = torch.float32
-        for d in {p.dtype for g in self.param_groups for p in g["params"]}:  # one per dtype
-            dtype = torch.promote_types(dtype, d)
+        dtype = _scalar_dtype(p for g in self.param_groups for p in g["params"])
         if isinstance(loss, torch.Tensor):
             return loss.detach().to(dtype)
         return torch.tensor(float(loss), dtype=dtype)
@@ -579,10 +577,7 @@ class _Packed:
                 "optimizer per device"
             )
         self.device = devices.pop() if devices else torch.device("cpu")
-        cdt = torch.float32
-        for _, p in params:
-            cdt = torch.promote_types(cdt, p.dtype)
-        self.cdt = cdt
+        self.cdt = cdt = _scalar_dtype(p for _, p in params)
         # blocks: one per tensor, or one per group (global)
         block_of, block_group = [], []
         for gi, g in enumerate(groups):
@@ -848,6 +843,15 @@ class _Packed:
                 s.param.grad = s.grad
             elif not s.param.requires_grad:
                 s.param.grad = None
+
+
+def _scalar_dtype(params: Iterable[torch.Tensor]) -> torch.dtype:
+    """The dtype of the per-block scalars and the loss: float32 at least, promoted over the
+    parameters' dtypes (once per distinct dtype)."""
+    dtype = torch.float32
+    for d in {p.dtype for p in params}:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
 
 
 def _dense(t: torch.Tensor) -> bool:
