@@ -472,9 +472,9 @@ def markdown(res, command: str) -> str:
         "first step minus the steady-state step (median of the last 10); *total* adds the "
         "excess of every later step (a recompile); *graphs* counts the graphs Dynamo compiled "
         "over the 20 steps (`torch._dynamo.utils.counters['stats']['unique_graphs']`), less "
-        "the kernel that the functional door's update op (`koala_func::overwrite_update`) "
-        "compiles of its own, once per process and dtype (its graphs are in the JSON, "
-        "`op_graphs`; the first step's time includes it).",
+        "any kernel of the engine's update op (`koala_func::overwrite_update`, compiled once "
+        "per process and dtype where a step is traced inside a user's graph; none of these "
+        "doors compiles it: `op_graphs` in the JSON).",
         "",
     ]
     if res["compile"]:

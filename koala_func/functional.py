@@ -5,12 +5,12 @@ leaves passed through). Which implementation runs:
 
 - eagerly, the readable reference (:func:`koala_func.reference.reference_step`), exact;
 - inside ``torch.compile`` (``torch.compile(opt.step, fullgraph=True)``), the engine
-  (:mod:`koala_func.engine`): the tensors are packed by one opaque op per buffer, so the graph
-  does not grow with the number of tensors, and the results come back as views of the packed
-  outputs. Compiled as a function of its own, ``step`` takes the TensorDicts apart eagerly and
-  only the engine on the leaves is traced (see ``_engine_frame``); traced inside a user's
-  compiled function, all of it is. Differentiable optimizers keep the reference (the packing
-  op has no autograd formula);
+  (:mod:`koala_func.engine`), and the results come back as views of packed buffers. Compiled
+  as a function of its own, ``step`` takes the TensorDicts apart and packs the leaves eagerly,
+  and only the engine on the packed buffers is traced (see ``_engine_frame``): its graph,
+  guards and compile time do not grow with the number of tensors. Traced inside a user's
+  compiled function, all of it is, the tensors packed by one opaque op per buffer.
+  Differentiable optimizers keep the reference (the packing op has no autograd formula);
 - ``impl="engine"`` forces the engine eagerly too, ``impl="reference"`` never uses it.
 
 The in-place speed (no packing copies, no fresh outputs) is :class:`koala_func.KoalaPP`'s:
@@ -191,12 +191,13 @@ class KoalaPPTransform:
                 # _engine_frame (tensors in, tensors out) is traced and compiled.
                 found = _engine_inputs(self, params, grads, loss, state)
                 if found is not None:
+                    plan, *frame = found
                     # Static shapes: _engine_frame is one code object for every model, and
-                    # Dynamo would make a size dynamic on seeing a key again with another size
-                    # (a second model in the process), which the layout cannot take.
+                    # Dynamo would make a size dynamic on seeing a buffer again with another
+                    # size (a second model in the process), which the layout cannot take.
                     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                        out = _engine_frame(self, *found)
-                    return _engine_outputs(params, state, *out)
+                        out = _engine_frame(self, *frame)
+                    return _frame_outputs(params, state, plan, frame[2], *out)
         return self._step(params, grads, loss, state, n_lead=0)
 
     def _checked_leaves(self, params, grads, loss, state, n_lead: int):
@@ -252,22 +253,59 @@ class KoalaPPTransform:
 
 
 def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
-    """What :func:`_engine_frame` takes (the checks of ``_step`` done eagerly), or ``None``
-    when ``params`` has no floating-point leaf."""
+    """What :func:`_engine_frame` takes, built eagerly (the checks of ``_step``, and one pack
+    per buffer into this step's own copies), or ``None`` when ``params`` has no
+    floating-point leaf: ``(plan, owners, present, buffers, blocks, hyper, loss, step)``."""
     keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 0)
     if not keys:
         return None
-    p = {k: p_leaves[k] for k in keys}
-    g = {k: g_leaves[k] for k in keys if k in g_leaves}
-    h = leaves(state.h_prev)
-    return keys, p, g, v_leaves, h, loss, blocks_in(state), hyper_of(state.hyper), state.step
-
-
-def _engine_frame(opt: KoalaPPTransform, keys, p, g, v, h, loss, blocks, hyper, step):
-    """The compiled part of ``torch.compile(opt.step)``: the engine on leaf dicts."""
+    h_leaves = leaves(state.h_prev)
     with torch.no_grad():
-        new, u = engine_leaves(opt, keys, (p, g, v, h), loss, blocks, hyper, 0)
-        return new, blocks_out(u), step + 1
+        plan = engine_plan(opt, keys, p_leaves, g_leaves, 0)
+        v = [v_leaves[k] for k in keys]
+        bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 0, _spare_pack)
+    owners = [layout.owner for layout, _ in plan.groups]
+    present = tuple(plan.present)
+    frame = (owners, present, [tuple(b) for b in bufs], tuple(blocks_in(state)))
+    return plan, *frame, tuple(hyper_of(state.hyper)), loss, state.step
+
+
+def _spare_pack(layout: Layout, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensors`` packed by direct copies into a spare buffer, this step's own (``None``:
+    all missing, :func:`engine_buffers` zeros them)."""
+    if all(t is None for t in tensors):
+        return None
+    return layout.pack(tensors, dtype, 0, out=layout.spare(dtype=dtype))
+
+
+def _engine_frame(opt: KoalaPPTransform, owners, present, bufs, blocks, hyper, loss, step):
+    """The compiled part of ``torch.compile(opt.step)``: the engine over the packed buffers
+    that :func:`_engine_inputs` filled, its update written back into them (they are this
+    step's own copies). Its inputs are a few buffers whatever the number of tensors, so its
+    guards, compile time and overhead do not grow with them; :func:`_frame_outputs` makes the
+    views eagerly (a view that a graph returns is rebuilt by AOTAutograd, in Python, on every
+    call)."""
+    with torch.no_grad():
+        buffers = [Buffers(*b) for b in bufs]
+        _, u = engine_run(
+            opt,
+            owners,
+            present,
+            buffers,
+            Blocks(*blocks),
+            Hyper(*hyper),
+            loss,
+            0,
+            out=[(b.theta, b.v, b.h) for b in buffers],
+        )
+        return blocks_out(u), step + 1
+
+
+@torch._dynamo.disable
+def _frame_outputs(params, state, plan, bufs, blocks, step):
+    """The new params and state: views of the buffers :func:`_engine_frame` updated."""
+    new = engine_views(plan, [(b[0], b[2], b[3]) for b in bufs], 0)
+    return engine_outputs(params, state, new, blocks, step)
 
 
 # Dynamo compiles every frame that runs while a compiled function's hook is set, so that when a
@@ -542,9 +580,6 @@ def engine_outputs(
     (:func:`blocks_out`) and the step count."""
     v, h_prev = replace_leaves(state.v, new[1]), replace_leaves(state.h_prev, new[2])
     return replace_leaves(params, new[0]), engine_state(state, v, h_prev, blocks, step)
-
-
-_engine_outputs = torch._dynamo.disable(engine_outputs)
 
 
 def engine_step(

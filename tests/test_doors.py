@@ -341,16 +341,15 @@ def _op_graphs() -> int:
 
 @pytest.mark.slow
 def test_engine_kernel_count_does_not_grow_with_tensors():
-    """The compiled functional step packs every tensor through one opaque op and returns
-    ``as_strided`` views of the packed results: the number of generated kernels is the same
-    for 5 and 60 tensors (slice-then-view outputs once cost a kernel each)."""
+    """The compiled functional step runs the engine on packed buffers: the number of
+    generated kernels is the same for 5 and 60 tensors."""
     from tensordict import TensorDict
     from torch._inductor import metrics
 
     import koala_func as kf
 
     counts = {}
-    for n in (3, 5, 60):  # 3: compiles the update op's own kernel (once per process)
+    for n in (3, 5, 60):  # 3: a first compile, whatever a process compiles once
         g = torch.Generator().manual_seed(0)
         shapes = [(int(a), int(b)) for a, b in torch.randint(1, 40, (n, 2), generator=g)]
         params = TensorDict({f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(shapes)})
@@ -364,6 +363,47 @@ def test_engine_kernel_count_does_not_grow_with_tensors():
     print("generated kernels", counts)
     assert counts[5] > 0
     assert counts[60] == counts[5], counts
+
+
+def test_compiled_step_graph_inputs_do_not_grow_with_tensors():
+    """``torch.compile(opt.step)`` packs the leaves before its one compiled frame: the graph
+    takes the same number of inputs, and returns the same number of outputs, for 4 tensors
+    and for 40 (so its guards and compile time do not grow with them), and equals the
+    eager reference."""
+    from tensordict import TensorDict
+
+    import koala_func as kf
+
+    seen = {}
+
+    def counting(gm, example_inputs):
+        nodes = list(gm.graph.nodes)
+        out = next(n for n in nodes if n.op == "output")
+        n_out = len(torch.utils._pytree.tree_leaves(out.args))
+        seen.setdefault("graphs", []).append((sum(n.op == "placeholder" for n in nodes), n_out))
+        return gm.forward
+
+    sizes = {}
+    for n in (4, 40):
+        g = torch.Generator().manual_seed(n)
+        shapes = [(int(a), int(b)) for a, b in torch.randint(1, 9, (n, 2), generator=g)]
+        nested: dict = {}
+        for i, s in enumerate(shapes):  # 4 tensors per submodule, as from_module nests them
+            nested.setdefault(f"m{i // 4}", {})[f"p{i}"] = torch.randn(s, generator=g, dtype=F64)
+        params = TensorDict(nested)
+        assert len(list(params.keys(True, True))) == n
+        grads = params.apply(lambda t, g=g: torch.randn(t.shape, generator=g, dtype=F64) * 0.1)
+        opt = kf.koala_pp(lr=0.5, weight_decay=1e-3)
+        seen.clear()
+        step = torch.compile(opt.step, fullgraph=True, backend=counting)
+        new, state = step(params, grads, torch.tensor(0.5, dtype=F64), opt.init(params))
+        ref, ref_state = opt.step(params, grads, torch.tensor(0.5, dtype=F64), opt.init(params))
+        assert len(seen["graphs"]) == 1, seen
+        sizes[n] = seen["graphs"][0]
+        for k in ref.keys(True, True):
+            assert rel_dev(new.get(k), ref.get(k)) < 1e-12, (n, k)
+        assert torch.equal(state.count, ref_state.count)
+    assert sizes[40] == sizes[4], sizes
 
 
 def test_layout_views_padding_and_errors():

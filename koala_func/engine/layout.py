@@ -19,6 +19,7 @@ step on ResNet-18 shapes several times slower than its arithmetic.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -161,16 +162,44 @@ def _fill(
     """
     lead, chunk = out.shape[:n_lead], out.shape[-1]
     rows = out.view(*lead, -1)
-    if zero_ranges:
-        ends = zero_ranges[1::2]
-        torch._foreach_zero_([rows[..., a:b] for a, b in zip(zero_ranges[::2], ends, strict=True)])
-    dst = [
-        rows[..., s * chunk : s * chunk + t[(0,) * n_lead].numel()]
-        for s, t in zip(starts, tensors, strict=True)
-    ]
+    per = math.prod(lead)
+    numels = tuple(t.numel() // per if per else 0 for t in tensors)
+    found = _segments(tuple(starts), numels, tuple(zero_ranges), chunk, rows.shape[-1])
+    if found is not None:  # one split into every piece of a row: two ops per tensor fewer
+        sizes, data, zeros = found
+        pieces = rows.split_with_sizes(sizes, dim=-1)
+        dst = [pieces[k] for k in data]
+        if zeros:
+            torch._foreach_zero_([pieces[k] for k in zeros])
+    else:
+        if zero_ranges:
+            ends = zero_ranges[1::2]
+            torch._foreach_zero_(
+                [rows[..., a:b] for a, b in zip(zero_ranges[::2], ends, strict=True)]
+            )
+        dst = [rows[..., s * chunk : s * chunk + n] for s, n in zip(starts, numels, strict=True)]
     if tensors:
         torch._foreach_copy_(dst, [t.reshape(*lead, -1) for t in tensors])
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _segments(starts: tuple, numels: tuple, zero_ranges: tuple, chunk: int, row: int):
+    """The pieces of a packed row in order (``split_with_sizes`` sizes), and which are each
+    tensor's data and which are zeros; ``None`` if they do not tile the row."""
+    segs = [(s * chunk, n, i) for i, (s, n) in enumerate(zip(starts, numels, strict=True))]
+    segs += [(a, b - a, -1) for a, b in zip(zero_ranges[::2], zero_ranges[1::2], strict=True)]
+    segs.sort(key=lambda x: (x[0], x[1] != 0))
+    at = 0
+    for begin, n, _ in segs:
+        if begin != at:
+            return None
+        at += n
+    if at != row:
+        return None
+    data = [k for _, k in sorted((i, k) for k, (_, _, i) in enumerate(segs) if i >= 0)]
+    zeros = [k for k, (_, _, i) in enumerate(segs) if i < 0]
+    return [n for _, n, _ in segs], data, zeros
 
 
 # One opaque graph node whatever the number of tensors. Eager callers with plain tensors and
@@ -363,6 +392,7 @@ class Layout:
         )
         self._dense_strides = g["dense_strides"]  # contiguous strides of each shape
         self._view_geometries: dict[tuple, list[tuple]] = {}  # see _view_geometry
+        self._pack_plans: dict[tuple, tuple] = {}  # see pack
         self.dtype = dtype
         self.device = torch.device(device)
         # From a constant list: inside a graph a constant tensor, not a repeat_interleave
@@ -517,13 +547,15 @@ class Layout:
         callers with plain tensors (no custom-op dispatch; no vmap or compile support).
         """
         dtype = dtype or self.dtype
-        present, starts, zero = _pack_plan(
-            self.starts,
-            self.counts,
-            self.numels,
-            self.chunk_size,
-            tuple(t is None for t in tensors),
-        )
+        missing = tuple(t is None for t in tensors)
+        # cached eagerly (a step packs the same few each time); traced, a cache would be a
+        # guarded side effect
+        found = None if torch.compiler.is_compiling() else self._pack_plans.get(missing)
+        if found is None:
+            found = _pack_plan(self.starts, self.counts, self.numels, self.chunk_size, missing)
+            if not torch.compiler.is_compiling():
+                self._pack_plans[missing] = found
+        present, starts, zero = found
         if not present:
             raise ValueError("pack() needs at least one tensor")
         chosen = [tensors[i] for i in present]
