@@ -186,6 +186,12 @@ def test_pass_breakdown_times_the_engines_passes():
     prose = lines[-2]  # the paragraph quotes the measured read-only floor and pass 2 sans h
     for name in (bench_passes.READS, bench_passes.PASS2_NO_H, bench_passes.STEP):
         assert f"{res['x_adam'][name]:.2f}x" in prose
+    # the read-only sum is called the floor only when it is below the step
+    for reads, floor in ((1.3, True), (2.3, False)):
+        x = {**res["x_adam"], bench_passes.STEP: 1.6, bench_passes.READS: reads}
+        prose = report.passes_section({"passes": {**res, "x_adam": x}})[-2]
+        assert ("is the floor of the step" in prose) is floor, prose
+        assert ("bounds nothing here" in prose) is not floor, prose
     assert report.passes_section({}) == []
 
 
