@@ -46,6 +46,7 @@ from koala_func.functional import (
     engine_views,
     layouts_for,
     params_of,
+    spare_pack,
     value_and_grad,
 )
 from koala_func.state import (
@@ -432,7 +433,7 @@ def _in_place(layout, tensors, dtype):
     n = next(t for t in tensors if t is not None).shape[0]
     if layout.fuses_pack(n):
         return tuple(tensors)
-    return layout.pack(tensors, dtype, 1, out=layout.spare(n, dtype=dtype))
+    return spare_pack(layout, tensors, dtype, 1)
 
 
 def _packed(x, spec: tuple, dtype: torch.dtype) -> torch.Tensor:

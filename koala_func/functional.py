@@ -191,13 +191,13 @@ class KoalaPPTransform:
                 # _engine_frame (tensors in, tensors out) is traced and compiled.
                 found = _engine_inputs(self, params, grads, loss, state)
                 if found is not None:
-                    plan, *frame = found
+                    plan, bufs, frame = found
                     # Static shapes: _engine_frame is one code object for every model, and
                     # Dynamo would make a size dynamic on seeing a buffer again with another
                     # size (a second model in the process), which the layout cannot take.
                     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                        out = _engine_frame(self, *frame)
-                    return _frame_outputs(params, state, plan, frame[2], *out)
+                        blocks, step = _engine_frame(self, bufs, *frame)
+                    return _frame_outputs(params, state, plan, bufs, blocks, step)
         return self._step(params, grads, loss, state, n_lead=0)
 
     def _checked_leaves(self, params, grads, loss, state, n_lead: int):
@@ -255,7 +255,7 @@ class KoalaPPTransform:
 def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
     """What :func:`_engine_frame` takes, built eagerly (the checks of ``_step``, and one pack
     per buffer into this step's own copies), or ``None`` when ``params`` has no
-    floating-point leaf: ``(plan, owners, present, buffers, blocks, hyper, loss, step)``."""
+    floating-point leaf: ``(plan, buffers, the frame's other arguments)``."""
     keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 0)
     if not keys:
         return None
@@ -263,22 +263,26 @@ def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
     with torch.no_grad():
         plan = engine_plan(opt, keys, p_leaves, g_leaves, 0)
         v = [v_leaves[k] for k in keys]
-        bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 0, _spare_pack)
+        bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 0, spare_pack)
     owners = [layout.owner for layout, _ in plan.groups]
-    present = tuple(plan.present)
-    frame = (owners, present, [tuple(b) for b in bufs], tuple(blocks_in(state)))
-    return plan, *frame, tuple(hyper_of(state.hyper)), loss, state.step
+    frame = (owners, tuple(plan.present), tuple(blocks_in(state)), tuple(hyper_of(state.hyper)))
+    return plan, [tuple(b) for b in bufs], (*frame, loss, state.step)
 
 
-def _spare_pack(layout: Layout, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
-    """``tensors`` packed by direct copies into a spare buffer, this step's own (``None``:
-    all missing, :func:`engine_buffers` zeros them)."""
-    if all(t is None for t in tensors):
+def spare_pack(
+    layout: Layout, tensors: list, dtype: torch.dtype, n_lead: int = 0
+) -> torch.Tensor | None:
+    """``tensors`` packed by direct copies into a spare buffer of ``layout``, the caller's own
+    (``None``: all missing, :func:`engine_buffers` zeros them). A ``packed`` callback of
+    :func:`engine_buffers`."""
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
         return None
-    return layout.pack(tensors, dtype, 0, out=layout.spare(dtype=dtype))
+    lead = first.shape[:n_lead]
+    return layout.pack(tensors, dtype, n_lead, out=layout.spare(*lead, dtype=dtype))
 
 
-def _engine_frame(opt: KoalaPPTransform, owners, present, bufs, blocks, hyper, loss, step):
+def _engine_frame(opt: KoalaPPTransform, bufs, owners, present, blocks, hyper, loss, step):
     """The compiled part of ``torch.compile(opt.step)``: the engine over the packed buffers
     that :func:`_engine_inputs` filled, its update written back into them (they are this
     step's own copies). Its inputs are a few buffers whatever the number of tensors, so its

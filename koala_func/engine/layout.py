@@ -164,39 +164,23 @@ def _fill(
     rows = out.view(*lead, -1)
     per = math.prod(lead)
     numels = tuple(t.numel() // per if per else 0 for t in tensors)
-    found = _segments(tuple(starts), numels, tuple(zero_ranges), chunk, rows.shape[-1])
-    if found is not None:  # one split into every piece of a row: two ops per tensor fewer
-        sizes, data, zeros = found
-        pieces = rows.split_with_sizes(sizes, dim=-1)
-        dst = [pieces[k] for k in data]
-        if zeros:
-            torch._foreach_zero_([pieces[k] for k in zeros])
-    else:
-        if zero_ranges:
-            ends = zero_ranges[1::2]
-            torch._foreach_zero_(
-                [rows[..., a:b] for a, b in zip(zero_ranges[::2], ends, strict=True)]
-            )
-        dst = [rows[..., s * chunk : s * chunk + n] for s, n in zip(starts, numels, strict=True)]
+    # the data and zero ranges tile the row: one split gives every piece of it
+    sizes, data, zeros = _segments(tuple(starts), numels, tuple(zero_ranges), chunk)
+    pieces = rows.split_with_sizes(sizes, dim=-1)
+    if zeros:
+        torch._foreach_zero_([pieces[k] for k in zeros])
     if tensors:
-        torch._foreach_copy_(dst, [t.reshape(*lead, -1) for t in tensors])
+        torch._foreach_copy_([pieces[k] for k in data], [t.reshape(*lead, -1) for t in tensors])
     return out
 
 
 @functools.lru_cache(maxsize=256)
-def _segments(starts: tuple, numels: tuple, zero_ranges: tuple, chunk: int, row: int):
-    """The pieces of a packed row in order (``split_with_sizes`` sizes), and which are each
-    tensor's data and which are zeros; ``None`` if they do not tile the row."""
+def _segments(starts: tuple, numels: tuple, zero_ranges: tuple, chunk: int):
+    """The pieces of a packed row in order (``split_with_sizes`` sizes), and the indices of
+    each tensor's data piece and of the zero pieces (the ranges of :func:`_pack_plan`)."""
     segs = [(s * chunk, n, i) for i, (s, n) in enumerate(zip(starts, numels, strict=True))]
     segs += [(a, b - a, -1) for a, b in zip(zero_ranges[::2], zero_ranges[1::2], strict=True)]
-    segs.sort(key=lambda x: (x[0], x[1] != 0))
-    at = 0
-    for begin, n, _ in segs:
-        if begin != at:
-            return None
-        at += n
-    if at != row:
-        return None
+    segs.sort(key=lambda x: (x[0], x[1] != 0))  # an empty tensor's piece before its padding
     data = [k for _, k in sorted((i, k) for k, (_, _, i) in enumerate(segs) if i >= 0)]
     zeros = [k for k, (_, _, i) in enumerate(segs) if i < 0]
     return [n for _, n, _ in segs], data, zeros
@@ -550,11 +534,12 @@ class Layout:
         missing = tuple(t is None for t in tensors)
         # cached eagerly (a step packs the same few each time); traced, a cache would be a
         # guarded side effect
-        found = None if torch.compiler.is_compiling() else self._pack_plans.get(missing)
+        cache = {} if torch.compiler.is_compiling() else self._pack_plans
+        found = cache.get(missing)
         if found is None:
-            found = _pack_plan(self.starts, self.counts, self.numels, self.chunk_size, missing)
-            if not torch.compiler.is_compiling():
-                self._pack_plans[missing] = found
+            found = cache[missing] = _pack_plan(
+                self.starts, self.counts, self.numels, self.chunk_size, missing
+            )
         present, starts, zero = found
         if not present:
             raise ValueError("pack() needs at least one tensor")
