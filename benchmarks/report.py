@@ -26,8 +26,6 @@ from pathlib import Path
 
 import torch
 
-from koala_func.ensemble import ROW_TENSORS
-
 from . import cold_compile, fresh_pages, harness, sharded
 from .harness import (
     ADAM,
@@ -59,13 +57,6 @@ SET_PLAN = [(m, STEP) for m in harness.METHODS]
 ENSEMBLE_PLAN = [(m, STEP) for m in (ENS, ENS_ADAM, ENS_LOOP)]
 
 
-def _compile_sizes(door: str, sizes) -> list[int]:
-    """The tensor counts a door's cold compile is measured at: the ensemble's also at
-    ``ROW_TENSORS``, the largest member it steps in row layouts (above: the packed layout)."""
-    extra = {ROW_TENSORS} if door == "ensemble" and sizes and ROW_TENSORS < max(sizes) else set()
-    return sorted(set(sizes) | extra)
-
-
 def groups_for(set_name: str, full: bool) -> list[tuple[float, list]]:
     """``(weight decay, plan)`` pairs: ResNet-18 gets both modes and weight_decay=0 too."""
     if set_name == "ensemble":
@@ -94,7 +85,7 @@ def measure(args, log=print) -> dict:
     timed_out: dict[str, int] = {}
     for k in range(args.compile_samples):
         for door in args.compile_doors:
-            for n in _compile_sizes(door, args.compile_tensors):
+            for n in sorted(args.compile_tensors):
                 if door in timed_out and n >= timed_out[door]:
                     # a larger set would time out too: keep the run short
                     why = f"skipped (timed out at {timed_out[door]})"
@@ -475,9 +466,7 @@ def markdown(res, command: str) -> str:
         "size (the *each round* column), each with "
         "`TORCHINDUCTOR_CACHE_DIR` a new empty directory and `TORCHINDUCTOR_FX_GRAPH_CACHE=0`, "
         "`TORCHINDUCTOR_AUTOGRAD_CACHE=0`, on N tiny tensors nested 8 per submodule (the "
-        f"ensemble: E={res.get('compile_members', members)} members of N tensors each; at "
-        f"{ROW_TENSORS} tensors a member, the most that it steps in row layouts, one buffer "
-        "per tensor, and above in the packed layout), 20 "
+        f"ensemble: E={res.get('compile_members', members)} members of N tensors each), 20 "
         "steps with a changing loss and lr (`KoalaPP`: an `ExponentialLR` scheduler; the "
         "functional door and the ensemble: `state.with_hyperparams(lr=...)`). *cold* is the "
         "first step minus the steady-state step (median of the last 10); *total* adds the "

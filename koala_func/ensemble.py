@@ -10,11 +10,9 @@ hyperparameters (shape ``[E]``; equal entries for a shared value). Because the K
 ``step(params[e], grads[e], loss[e], state[e])``.
 
 Compiled (the default), :func:`ensemble_step` and :func:`ensemble_train_step` run the engine
-(:mod:`koala_func.engine`) with the member dimension as a leading dimension of its buffers:
-no vmap of the step, and one graph (only the forward and backward of
-:func:`ensemble_train_step` are vmapped). A member of at most :data:`ROW_TENSORS` tensors is
-stepped in row layouts, one buffer per tensor; a larger one in the packed layout, whose graph
-does not grow with the number of tensors per member. Eager
+(:mod:`koala_func.engine`) with the member dimension as a leading dimension of its packed
+buffers: no vmap of the step, one graph whose size does not grow with the number of tensors per
+member (only the forward and backward of :func:`ensemble_train_step` are vmapped). Eager
 (``compile=False``), differentiable optimizers and custom step functions use
 ``torch.vmap(step)`` of the reference; ``torch.compile(torch.vmap(step))`` is then the order
 that compiles (``torch.vmap(torch.compile(step))`` silently runs eager, torch 2.13).
@@ -36,6 +34,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, is_ten
 
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
+from koala_func.engine.layout import pack_in_graph
 from koala_func.functional import (
     KoalaPPTransform,
     blocks_in,
@@ -72,14 +71,6 @@ __all__ = [
 StepFn = Callable[..., Any]
 _HYPER = HYPERPARAMETERS
 
-#: Members of at most this many floating-point tensors are stepped in row layouts: each
-#: tensor ``[E, *shape]`` is its own buffer ``[E, 1, numel]``, one chunk a member, so a
-#: contiguous leaf (gradients included) is read where it is, with no packing copy, and each
-#: tensor's sums, scalar math and update stay in its own rows (no ``index_add`` or gather).
-#: Each tensor adds graph inputs and nodes, so beyond this the packed layout (a few buffers
-#: whatever the number of tensors) keeps the compile time flat.
-ROW_TENSORS = 8
-
 
 def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
     """The parameters of ``modules`` (same architecture) stacked along a new member dim.
@@ -102,25 +93,19 @@ def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
 
 def member_views(td: TensorDictBase) -> TensorDictBase:
     """``td`` (``batch_size=[E]``) with its floating-point leaves copied into the engine's
-    member buffers, and returned as views of them.
+    packed member buffers (``[E, n_chunks, C]``, one per dtype) and returned as views of them.
 
-    A member of at most :data:`ROW_TENSORS` tensors gets one buffer per tensor, whose view is
-    a contiguous ``[E, *shape]`` tensor (a contiguous leaf is already its own buffer);
-    a larger one gets one packed buffer per dtype (``[E, n_chunks, C]``), whose views are not
-    contiguous across members (use ``reshape`` rather than ``view`` on them). These are the
-    strides that the compiled ensemble step returns, so a step fed them returns the same
-    (no copy out) and compiles once. :func:`stack_params` and :func:`ensemble_init` return
-    such views.
+    These are the strides that the compiled ensemble step returns, so a step fed views
+    returns views (no copy out) and compiles once; a step fed contiguous leaves returns
+    contiguous copies. :func:`stack_params` and :func:`ensemble_init` return such views. Use
+    ``reshape`` rather than ``view`` on them: they are not contiguous across members.
 
     Examples:
         >>> import torch
         >>> from tensordict import TensorDict
         >>> td = member_views(TensorDict(w=torch.ones(4, 3), batch_size=[4]))
         >>> td["w"].shape, td["w"].is_contiguous(), bool((td["w"] == 1).all())
-        (torch.Size([4, 3]), True, True)
-        >>> many = TensorDict({f"w{i}": torch.ones(4, 3) for i in range(9)}, batch_size=[4])
-        >>> member_views(many)["w0"].is_contiguous()  # 9 > ROW_TENSORS: one packed buffer
-        False
+        (torch.Size([4, 3]), False, True)
     """
     found = leaves(td)
     keys = float_keys(found)
@@ -128,8 +113,7 @@ def member_views(td: TensorDictBase) -> TensorDictBase:
         return td
     tensors = [found[k] for k in keys]
     views: dict = {}
-    rows = len(keys) <= ROW_TENSORS  # the layouts of the compiled step
-    for layout, idx in layouts_for(tensors, list(range(len(keys))), None, 1, rows=rows):
+    for layout, idx in layouts_for(tensors, list(range(len(keys))), None, 1):  # one dtype each
         flat = layout.pack([tensors[i] for i in idx], layout.dtype, 1)
         for i, view in zip(idx, layout.views(flat), strict=True):
             views[keys[i]] = view
@@ -337,11 +321,10 @@ def ensemble_step(
 class _EngineEnsembleStep:
     """:func:`ensemble_step` of an optimizer: the engine with a member dimension.
 
-    Called eagerly, the TensorDicts are taken apart in Python and only the member buffers
-    enter a compiled graph: leaves that are views of them (:func:`stack_params`,
-    :func:`ensemble_init`, :func:`member_views`, this step's own results and, for a member of
-    at most :data:`ROW_TENSORS` tensors, any contiguous leaf) are read in place, others are
-    packed by one copy each. The graph then has a
+    Called eagerly, the TensorDicts are taken apart in Python and only the packed buffers
+    enter a compiled graph: leaves that are views of the engine's packed member buffers
+    (:func:`stack_params`, :func:`ensemble_init`, :func:`member_views`, and this step's own
+    results) are read in place, others are packed by one copy each. The graph then has a
     handful of inputs whatever the number of tensors, so its guards, its compile time and
     its steady-state overhead do not grow with them. The results are views of new packed
     buffers (on CPU from :data:`koala_func.engine.layout.SPARE`: buffers of earlier results
@@ -352,18 +335,20 @@ class _EngineEnsembleStep:
     def __init__(self, opt: KoalaPPTransform, *, fullgraph: bool = True, **compile_kwargs: Any):
         self.opt = opt
 
-        def packed_step(bufs, outs, owners, spans, present, blocks, step, loss, hyper):
+        def packed_step(bufs, specs, outs, owners, present, blocks, step, loss, hyper):
             _, u = engine_run(
                 opt,
                 owners,
                 present,
-                [Buffers(*b) for b in bufs],
+                [
+                    Buffers(*map(_packed, b, (spec,) * 4, (t.dtype, t.dtype, v.dtype, h.dtype)))
+                    for b, spec, (t, v, h) in zip(bufs, specs, outs, strict=True)
+                ],
                 Blocks(*blocks),
                 Hyper(*(x.unsqueeze(-1) for x in hyper)),
                 loss,
                 1,
                 out=outs,
-                spans=spans,
             )
             return blocks_out(u), step + 1
 
@@ -375,7 +360,6 @@ class _EngineEnsembleStep:
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
-        self.row_tensors = ROW_TENSORS  # the most tensors a member steps in row layouts
 
     def __call__(self, params, grads, loss, state):
         if torch.compiler.is_compiling():
@@ -393,14 +377,9 @@ class _EngineEnsembleStep:
         hyper = fields["hyper"]._tensordict._tensordict
         h_leaves = leaves(fields["h_prev"])
         with torch.no_grad():
-            rows = len(keys) <= self.row_tensors
-            plan = engine_plan(opt, keys, p_leaves, g_leaves, 1, rows=rows)
+            plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]
             bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, _in_place)
-            # tensor granularity: each row layout holds one block, its own
-            spans = None
-            if rows and opt.granularity == "tensor":
-                spans = tuple((lay.blocks[0], lay.blocks[0] + 1) for lay, _ in plan.groups)
             dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
             outs = [
                 (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
@@ -408,12 +387,12 @@ class _EngineEnsembleStep:
             ]
             block_state, step = self._packed(
                 [tuple(b) for b in bufs],
+                [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups],
                 # as [rows, C], the shape the update is computed in: inductor then writes each
                 # result in the loop that computes it (a [E, n_chunks, C] output would be a
                 # second loop, re-reading v_k from a temporary)
                 [tuple(t.view(-1, t.shape[-1]) for t in o) for o in outs],
                 [layout.owner for layout, _ in plan.groups],
-                spans,
                 tuple(plan.present),
                 tuple(blocks_in(state)),
                 fields["step"],
@@ -444,13 +423,25 @@ def _as_given(params, new_params):
 
 
 def _in_place(layout, tensors, dtype):
-    """The packed member buffer ``tensors`` are views of (in a row layout, a contiguous
-    tensor itself); else a packed copy into a spare buffer (``None``: all missing,
-    ``engine_buffers`` zeros them)."""
+    """The packed member buffer ``tensors`` are views of; else, for a small layout
+    (``Layout.fuses_pack``), the tensors as a tuple, which the compiled graph packs fused into
+    its kernels (no packed copy); else a packed copy into a spare buffer (``None``: all
+    missing, ``engine_buffers`` zeros them)."""
     base = layout.packed_base(tensors, 1, dtype)
-    if base is not None:
+    if base is not None or all(t is None for t in tensors):
         return base
+    n = next(t for t in tensors if t is not None).shape[0]
+    if layout.fuses_pack(n):
+        return tuple(tensors)
     return spare_pack(layout, tensors, dtype, 1)
+
+
+def _packed(x, spec: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a packed buffer, inside the compiled graph: a tuple of tensors is packed
+    (``spec``: the layout's chunk counts and chunk size)."""
+    if isinstance(x, tuple):
+        return pack_in_graph(x, *spec, dtype, 1)
+    return x
 
 
 def ensemble_train_step(

@@ -22,7 +22,6 @@ Also here: glue that turns a module and a loss into pure functions of the parame
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -338,20 +337,14 @@ _LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
 def _groups(key: tuple) -> list[tuple]:
     # Plain Python even while Dynamo traces a step (a trace-time constant): interpreted, this
     # bookkeeping over every tensor costs about a second at 160 tensors.
-    sig, blocks, state_dtype, flags, n_lead, rows = key
+    sig, blocks, state_dtype, flags, n_lead = key
     sig = tuple((tuple(shape[n_lead:]), dt, dev) for shape, dt, dev in sig)
     groups: dict[tuple, list[int]] = {}
     for i, (_, dt, dev) in enumerate(sig):
-        groups.setdefault((i,) if rows else (dt, state_dtype or dt, dev, flags[i]), []).append(i)
+        groups.setdefault((dt, state_dtype or dt, dev, flags[i]), []).append(i)
     return [
-        (
-            tuple(sig[i][0] for i in idx),
-            sig[idx[0]][1],
-            sig[idx[0]][2],
-            tuple(blocks[i] for i in idx),
-            idx,
-        )
-        for idx in groups.values()
+        (tuple(sig[i][0] for i in idx), dt, dev, tuple(blocks[i] for i in idx), idx)
+        for (dt, _, dev, _), idx in groups.items()
     ]
 
 
@@ -361,28 +354,20 @@ def layouts_for(
     state_dtype,
     n_lead: int,
     sharded: list[bool] | None = None,
-    rows: bool = False,
 ) -> list[tuple[Layout, list[int]]]:
     """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
-    the indices of its tensors; cached by structure, so a compiled step builds them once.
-    ``rows``: one layout per tensor instead, in one chunk (a member's row of a contiguous
-    ``[E, *shape]`` tensor is its chunk: such a tensor is its own packed buffer)."""
+    the indices of its tensors; cached by structure, so a compiled step builds them once."""
     # Per tensor only what the guards fix; the rest is worked out in _groups (plain Python).
     sig = tuple((t.shape, t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
-    key = (sig, tuple(blocks), state_dtype, flags, n_lead, rows)
+    key = (sig, tuple(blocks), state_dtype, flags, n_lead)
     # Inside a compiled graph the layout is built at trace time only; a cache lookup there
     # would add a guard on the cache that fails once the entry exists (a recompile).
     compiling = torch.compiler.is_compiling()
     found = None if compiling else _LAYOUTS.get(key)
     if found is None:
         found = [
-            (
-                Layout(
-                    shapes, dt, dev, group_blocks, max(1, math.prod(shapes[0])) if rows else None
-                ),
-                idx,
-            )
+            (Layout(shapes, dt, dev, group_blocks), idx)
             for shapes, dt, dev, group_blocks, idx in _groups(key)
         ]
         if not compiling:
@@ -412,17 +397,15 @@ def engine_plan(
     g_leaves: dict,
     n_lead: int,
     sharded: list[bool] | None = None,
-    rows: bool = False,
 ) -> EnginePlan:
-    """The layouts for ``keys`` of ``p_leaves`` (cached by structure; ``rows``: one per
-    tensor, see :func:`layouts_for`) and the gradients."""
+    """The layouts for ``keys`` of ``p_leaves`` (cached by structure) and the gradients."""
     tensors = [p_leaves[k] for k in keys]
     blocks = list(range(len(keys))) if opt.granularity == "tensor" else [0] * len(keys)
     present = [False] * len(blocks_of(keys, opt.granularity))
     grads = [g_leaves.get(k, None) for k in keys]
     for b, g in zip(blocks, grads, strict=True):
         present[b] |= g is not None
-    groups = layouts_for(tensors, blocks, opt.state_dtype, n_lead, sharded, rows)
+    groups = layouts_for(tensors, blocks, opt.state_dtype, n_lead, sharded)
     return EnginePlan(keys, groups, tensors, grads, present)
 
 
@@ -476,13 +459,11 @@ def engine_run(
     sharded: list[bool] | None = None,
     out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     overwrite: bool = False,
-    spans: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """:func:`~koala_func.engine.run` on packed buffers (``owners``: each layout's
     ``Layout.owner``; ``present``: per block, it received a gradient; ``sharded``: per
     layout; ``out``: buffers to write the results into; ``overwrite``: write them into
-    ``bufs``, the caller's own copies; ``spans``: per layout, its own blocks), with the loss
-    moments of ``loss``."""
+    ``bufs``, the caller's own copies), with the loss moments of ``loss``."""
     cdt = blocks.s.dtype
     per_sample = loss.dim() == n_lead + 1
     if per_sample:
@@ -504,7 +485,6 @@ def engine_run(
         sharded=sharded,
         out=out,
         overwrite=overwrite,
-        spans=spans,
     )
 
 

@@ -504,11 +504,11 @@ class EnsembleRunner(Runner):
     members = 2
     event_member = 1
 
-    def __init__(self, config, seeds=(0, 1), lrs=None, *, impl="auto", compiled=True, packed=False):
+    def __init__(self, config, seeds=(0, 1), lrs=None, *, impl="auto", compiled=True):
         lrs = lrs if lrs is not None else (config.lr, 0.6 * config.lr)
         super().__init__(config, seeds, lrs)
-        self.impl, self.compiled, self.packed = impl, compiled, packed
-        self.opt, self.step_fn = ensemble_fn(config, impl, compiled, packed)
+        self.impl, self.compiled = impl, compiled
+        self.opt, self.step_fn = ensemble_fn(config, impl, compiled)
         self.p = torch.stack([_td(initial_params(s, config.dtype)) for s in self.seeds])
         lr = torch.tensor(self.lrs, dtype=torch.promote_types(config.dtype, F32))
         self.st = kf.ensemble_init(self.opt, self.p, lr=lr)
@@ -534,12 +534,7 @@ class EnsembleRunner(Runner):
 
     def restore(self, blob):
         new = EnsembleRunner(
-            self.config,
-            seeds=(7, 8),
-            lrs=(1.0, 2.0),
-            impl=self.impl,
-            compiled=self.compiled,
-            packed=self.packed,
+            self.config, seeds=(7, 8), lrs=(1.0, 2.0), impl=self.impl, compiled=self.compiled
         )
         new.st, new.p = load_state(io.BytesIO(blob))
         new.k = self.k
@@ -576,19 +571,14 @@ def functional_step(config: Config, impl: str, compiled: bool):
     return _FUNCTIONAL[key]
 
 
-def ensemble_fn(config: Config, impl: str, compiled: bool, packed: bool = False):
-    """``(opt, step_fn)``; ``packed``: the compiled step in the packed layout, which members
-    of more than ``ROW_TENSORS`` tensors get (the test model has fewer: row layouts)."""
+def ensemble_fn(config: Config, impl: str, compiled: bool):
     if not compiled:
         opt = _opt_for(config, impl)
         return opt, kf.ensemble_step(opt, compile=False)
-    key = (_structure(config), impl, packed)
+    key = (_structure(config), impl)
     if key not in _ENSEMBLE:
         opt = _opt_for(config, impl)
-        step = kf.ensemble_step(opt)
-        if packed:
-            step.row_tensors = 0
-        _ENSEMBLE[key] = (opt, step)
+        _ENSEMBLE[key] = (opt, kf.ensemble_step(opt))
     return _ENSEMBLE[key]
 
 
@@ -691,14 +681,6 @@ DOORS: list[Door] = [
     Door(
         "ensemble-compiled",
         lambda c, **kw: EnsembleRunner(c, impl="auto", compiled=True, **kw),
-        supports=ALL_FEATURES - {"differentiable"},
-        compiled=True,
-        configs=COMPILED,
-        ensemble=True,
-    ),
-    Door(  # the layout of members of more than ROW_TENSORS tensors
-        "ensemble-compiled-packed",
-        lambda c, **kw: EnsembleRunner(c, impl="auto", compiled=True, packed=True, **kw),
         supports=ALL_FEATURES - {"differentiable"},
         compiled=True,
         configs=COMPILED,

@@ -550,65 +550,24 @@ def test_update_op_falls_back_to_eager_when_its_kernel_does_not_compile(monkeypa
     assert not torch.equal(theta[0], before[0][0]) and not torch.equal(v[0], before[2][0])
 
 
-@pytest.mark.parametrize("per_block", [False, True])
-def test_run_with_spans_equals_one_group(per_block):
-    """``run(spans=...)`` (each layout its own blocks: sums, scalar math and update apart, as
-    the ensemble door's row layouts run) equals the one-group run that sums every layout's
-    block sums first: with member dims, one layout of two tensors beside two of one, a
-    missing block, and hyperparameters and R per member or per block."""
-    from koala_func.engine import BlockConfig, Blocks, Buffers, Hyper, Layout, passes
+def test_packed_base_of_one_tensor_layouts():
+    """A one-tensor layout without padding takes a contiguous tensor (with member dims) as
+    its own buffer, and nothing else: not a restrided, retyped or sliced tensor, nor a
+    contiguous one where the layout's views have other strides (channels_last)."""
+    from koala_func.engine import Layout
 
-    E, gen = 3, torch.Generator().manual_seed(0)
-    layouts = [
-        Layout([(3, 4), (5,)], F64, "cpu", blocks=[0, 1], chunk_size=4),
-        Layout([(6,)], F64, "cpu", blocks=[2], chunk_size=6),
-        Layout([(2, 2)], F64, "cpu", blocks=[3], chunk_size=4),
-    ]
-    T = 4
-
-    def draw(layout, scale):
-        return layout.pack(
-            [torch.randn(E, *s, generator=gen) * scale for s in layout.shapes], F64, 1
-        )
-
-    bufs = [
-        Buffers(draw(lay, 1.0), draw(lay, 0.1), draw(lay, 0.01), draw(lay, 0.1)) for lay in layouts
-    ]
-    width = T if per_block else 1
-    hp = Hyper(
-        *(
-            torch.rand(E, width, generator=gen, dtype=F64) * s + o
-            for s, o in (
-                (0.1, 0.05),
-                (0.1, 0.05),
-                (0.1, 0.05),
-                (1, 0.5),
-                (0.5, 0.4),
-                (1e-3, 0),
-                (0.0, 0),
-            )
-        )
-    )
-    cfg = BlockConfig(symmetric=True, online=True, variance=False, eps=1e-12)
-    blocks = Blocks(
-        torch.rand(E, T, generator=gen, dtype=F64) + 1,
-        torch.tensor([[0, 2, 1, 3]] * E),
-        torch.zeros(E, T, dtype=torch.long),
-        torch.rand(E, width, generator=gen, dtype=F64) + 0.5,
-    )
-    mean = torch.rand(E, generator=gen, dtype=F64) + 0.5
-    present = torch.tensor([True, True, False, True])
-    owners = [lay.owner for lay in layouts]
-    args = (owners, bufs, blocks, mean, mean * mean * 1.1, hp, cfg)
-    ref, u_ref = passes.run(*args, present=present)
-    got, u = passes.run(*args, present=present, spans=[(0, 2), (2, 3), (3, 4)])
-    for a, b in zip(u, u_ref, strict=True):
-        assert a.shape == b.shape
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
-    for a, b in zip(got, ref, strict=True):
-        for x, y in zip(a, b, strict=True):
-            torch.testing.assert_close(x, y, rtol=1e-13, atol=0)
-    assert u.count[:, 2].tolist() == [1] * E  # the missing block is left alone
-    assert not torch.equal(got[0][0], bufs[0].theta)  # and the others moved
-    with pytest.raises(ValueError, match="spans or reduce"):
-        passes.run(*args, spans=[(0, 2), (2, 3), (3, 4)], reduce=lambda x: x)
+    row = Layout([(3, 4)], F64, "cpu", chunk_size=12)
+    t = torch.randn(5, 3, 4, dtype=F64)
+    base = row.packed_base([t], 1, F64)
+    assert base.shape == (5, 1, 12) and base.data_ptr() == t.data_ptr()
+    assert [torch.equal(v, t) for v in row.views(base)] == [True]
+    assert row.packed_base([t.transpose(1, 2).contiguous().transpose(1, 2)], 1, F64) is None
+    assert row.packed_base([t.float()], 1, F64) is None  # another dtype
+    wide = torch.randn(5, 3, 8, dtype=F64)[..., :4]  # a slice: rows not contiguous
+    assert row.packed_base([wide], 1, F64) is None
+    shape, cl = (2, 3, 2, 2), (12, 1, 6, 3)  # channels_last strides
+    lay = Layout([shape], F64, "cpu", chunk_size=24, strides=[cl])
+    flat = lay.pack([torch.randn(shape, dtype=F64)])
+    (view,) = lay.views(flat)
+    assert view.stride() == cl and lay.packed_base([view], 0, F64).data_ptr() == flat.data_ptr()
+    assert lay.packed_base([view.contiguous()], 0, F64) is None

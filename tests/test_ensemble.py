@@ -196,8 +196,8 @@ def compiled_opt_step():
 
 
 @pytest.mark.parametrize("per_member", [True, False])
-def test_compiled_vmap_matches_loop(layout_step, per_member):
-    _, opt, step, params = layout_step
+def test_compiled_vmap_matches_loop(compiled_opt_step, per_member):
+    opt, step, params = compiled_opt_step
     n = ensemble_size(params)
     hyper = member_hyper(n) if per_member else {"lr": 0.7}  # a float: no recompile
     loop_hyper = {k: torch.as_tensor(v, dtype=torch.float64).expand(n) for k, v in hyper.items()}
@@ -207,69 +207,61 @@ def test_compiled_vmap_matches_loop(layout_step, per_member):
     assert_same_state(s, ref_s)
 
 
-@pytest.fixture(params=["rows", "packed"])
-def layout_step(request, compiled_opt_step, monkeypatch):
-    """``(layout, opt, step, params)``: the compiled step in each of its layouts (the door
-    table's steps): row layouts, which the test model (4 tensors) gets, and the packed layout
-    of members of more than ``ROW_TENSORS`` tensors (forced, also for ``member_views``)."""
-    from doors import COMPILED_F64, ensemble_fn
-
-    opt, step, params = compiled_opt_step
-    if request.param == "packed":
-        opt, step = ensemble_fn(COMPILED_F64, "auto", True, packed=True)
-        monkeypatch.setattr(ke, "ROW_TENSORS", 0)
-    return request.param, opt, step, params
-
-
-def test_member_views_layout_and_step(layout_step, monkeypatch):
-    """member_views re-homes the float leaves as views of the step's member buffers (values
-    kept, integer leaves untouched): one contiguous buffer per tensor in row layouts, one
-    packed buffer per dtype otherwise. The step gives the same result on views and on
-    contiguous leaves, returns the views' strides either way, reads its inputs in place where
-    it can (row layouts: every contiguous leaf, gradients included; packed: views of its
-    buffers, so only the gradients are packed), and compiles no graph for either."""
+def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
+    """member_views re-homes the float leaves as views of one packed buffer (values kept,
+    integer leaves untouched). The step gives the same result on views and on contiguous
+    leaves, returns packed views either way, reads packed inputs in place (only the gradients
+    are packed), and compiles no graph for either."""
     from koala_func.engine import Layout
 
-    layout, opt, step, params = layout_step
-    rows = layout == "rows"
+    opt, step, params = compiled_opt_step
     mixed = params.clone()
     mixed["count"] = torch.arange(ensemble_size(params))  # an integer leaf passes through
     views = member_views(mixed)
     assert torch.equal(views["count"], mixed["count"])
     floats = [k for k, v in params.items(True, True) if v.is_floating_point()]
     ptrs = {views.get(k).untyped_storage().data_ptr() for k in floats}
-    n_layouts = len(floats) if rows else 1  # one dtype: one packed buffer
-    assert len(ptrs) == n_layouts
+    assert len(ptrs) == 1  # one dtype: one packed buffer
     for k in floats:
         assert torch.equal(views.get(k), params.get(k))
-    assert all(views.get(k).is_contiguous() for k in floats) is rows
+    assert not all(views.get(k).is_contiguous() for k in floats)
 
     hyper = member_hyper(ensemble_size(params))
     # warm both graphs: a first step packs contiguous params, later steps read them in place
     run_ensemble(step, opt, params, hyper, 2, True)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    packs = []  # eager packs (Layout.pack)
+    # a pack: an eager Layout.pack, or tensors handed to the graph to pack (a small layout)
+    packs = []
     original = Layout.pack
     monkeypatch.setattr(Layout, "pack", lambda *a, **k: packs.append(1) or original(*a, **k))
+    in_place = ke._in_place
+
+    def counted(*args):
+        found = in_place(*args)
+        if isinstance(found, tuple):
+            packs.append(1)
+        return found
+
+    monkeypatch.setattr(ke, "_in_place", counted)
     ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
-    # ensemble_init packs v and h_prev; packed, the first step packs the contiguous params,
-    # then each step packs its gradients; in row layouts every leaf is read where it is
-    assert len(packs) == 2 * n_layouts + (0 if rows else 1 + 3)
+    # ensemble_init packs v and h_prev; the first step packs the contiguous params, then each
+    # step packs its gradients
+    assert len(packs) == 2 + 1 + 3
     packs.clear()
     new_p, new_s = run_ensemble(step, opt, views.exclude("count"), hyper, 3, True)
-    assert len(packs) == 2 * n_layouts + (0 if rows else 3)  # at most the gradients
+    assert len(packs) == 2 + 3  # the gradients only: params, v and h_prev are read in place
     assert_close_td(new_p, ref_p, 0)
     assert_same_state(new_s, ref_s, 0)
     for k in floats:
-        assert ref_p.get(k).stride() == views.get(k).stride()  # the views' strides out
+        assert ref_p.get(k).stride() == views.get(k).stride()  # packed views out, always
         assert new_p.get(k).stride() == views.get(k).stride()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
-def test_recycled_buffers_never_overwrite_live_results(layout_step):
+def test_recycled_buffers_never_overwrite_live_results(compiled_opt_step):
     """On CPU the step writes into buffers of earlier results that nothing references any
     more; results the caller still holds are never written."""
-    _, opt, step, params = layout_step
+    opt, step, params = compiled_opt_step
     n = ensemble_size(params)
     state = ensemble_init(opt, params, **member_hyper(n))
     p, ptrs, kept = params, [], {}
@@ -284,17 +276,19 @@ def test_recycled_buffers_never_overwrite_live_results(layout_step):
     assert_close_td(kept["state"].v, kept["v"], 0)
 
 
-def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(layout_step, monkeypatch):
+def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(
+    compiled_opt_step, monkeypatch
+):
     """A step fed its own results reads their packed buffers in place; a result leaf replaced
     in its TensorDict, moved onto other memory with ``set_`` or restrided in place is read
     where and as it now is, never from the buffer it left."""
     from koala_func.engine import Layout
     from koala_func.state import replace_fields, replace_leaves
 
-    layout, opt, step, params = layout_step
+    opt, step, params = compiled_opt_step
     n = ensemble_size(params)
     key = ("0", "weight")
-    misses = []  # inputs that are not views of a member buffer (packed by a copy)
+    misses = []  # inputs that are not views of a packed buffer (packed by a copy)
     original = Layout.packed_base
 
     def packed_base(*a):
@@ -320,10 +314,9 @@ def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(layout_ste
     ref_p, ref_s = steps(replaced)
     misses.clear()
     chained_p, _ = steps(lambda p, s: (p, s))
-    # packed: the first step packs the stacked params and the gradients (v, h_prev:
-    # ensemble_init's packed views), later steps only the gradients (fresh tensors); in row
-    # layouts every contiguous leaf is its own buffer
-    assert len(misses) == (0 if layout == "rows" else 2 + 2)
+    # the first step packs the stacked params and the gradients (v, h_prev: ensemble_init's
+    # packed views); later steps only the gradients (fresh tensors)
+    assert len(misses) == 2 + 2
 
     def moved(p, s):
         for k in p.keys(True, True):
@@ -359,12 +352,12 @@ def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(layout_ste
     assert not torch.equal(chained_p.get(key), ref_p.get(key))
 
 
-def test_lazily_stacked_members_step_like_dense_ones(layout_step):
+def test_lazily_stacked_members_step_like_dense_ones(compiled_opt_step):
     """Member params and states joined by ``LazyStackedTensorDict.lazy_stack`` (not copied
     into one TensorDict) step exactly like ``torch.stack``-ed ones."""
     from tensordict import LazyStackedTensorDict
 
-    _, opt, step, params = layout_step
+    opt, step, params = compiled_opt_step
     n = ensemble_size(params)
     members = [params[e].clone() for e in range(n)]
     states = [opt.init(p) for p in members]
@@ -432,8 +425,8 @@ def test_lazily_stacked_members_through_the_vmapped_doors(door):
     assert_same_state(got_s, ref_s, 0)
 
 
-def test_compiled_vmap_one_graph(layout_step):
-    _, opt, step, params = layout_step
+def test_compiled_vmap_one_graph(compiled_opt_step):
+    opt, step, params = compiled_opt_step
     run_ensemble(step, opt, params, member_hyper(2), 1, True)  # warm
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     run_ensemble(step, opt, params.apply(lambda t: t * 1.1), member_hyper(2), 2, True)

@@ -114,8 +114,9 @@ class SparePool:
 
 
 def _alias(buf: torch.Tensor) -> torch.Tensor:
-    # A new tensor on the same storage, not a view (no _base); a fifth of a set_'s cost.
-    return buf.detach()
+    return torch.empty(0, dtype=buf.dtype, device=buf.device).set_(
+        buf.untyped_storage(), 0, buf.shape, buf.stride()
+    )
 
 
 def _unreferenced(buf: torch.Tensor) -> bool:
@@ -221,6 +222,41 @@ def _pack_vmap(info, in_dims, tensors, starts, zero_ranges, n_chunks, chunk, n_l
 
 
 torch.library.register_vmap("koala_func::pack", _pack_vmap)
+
+
+#: The ensemble door packs the inputs of a layout of at most this many tensors, of at most
+#: :data:`FUSED_PACK_NUMEL` elements in all, inside its compiled graph by graph ops
+#: (:func:`pack_in_graph`): inductor writes the packed buffer in the same kernel call that
+#: reads it, where an eager pack is one more launch before the graph runs. On CPU the packed
+#: buffer is still materialized (inductor turns pointwise cat off there), so the pack costs
+#: one pass over memory either way; it saves launches and Python, not traffic. More tensors
+#: would add graph inputs and nodes per tensor (compile time growing with them), and a
+#: larger buffer that inductor allocates would be a fresh allocation per step (page faults
+#: on CPU) where the eager pack fills a pooled one.
+FUSED_PACK_TENSORS = 8
+FUSED_PACK_NUMEL = 1 << 22
+
+
+def pack_in_graph(
+    tensors: Sequence[torch.Tensor | None],
+    counts: Sequence[int],
+    chunk: int,
+    dtype: torch.dtype,
+    n_lead: int,
+) -> torch.Tensor:
+    """What :func:`pack` computes (tensor ``i`` in ``counts[i]`` chunks of ``chunk``, zero
+    padding, ``None`` as zeros), as plain graph ops for inductor to fuse into one kernel."""
+    first = next(t for t in tensors if t is not None)
+    lead = first.shape[:n_lead]
+    parts = []
+    for t, count in zip(tensors, counts, strict=True):
+        if t is None:
+            parts.append(first.new_zeros((*lead, count, chunk), dtype=dtype))
+            continue
+        flat = t.reshape(*lead, -1).to(dtype)
+        flat = torch.nn.functional.pad(flat, (0, count * chunk - flat.shape[-1]))
+        parts.append(flat.view(*lead, count, chunk))
+    return torch.cat(parts, dim=-2)
 
 
 def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
@@ -375,6 +411,14 @@ class Layout:
             (*lead, self.n_chunks, self.chunk_size), dtype or self.dtype, self.device
         )
 
+    def fuses_pack(self, members: int = 1) -> bool:
+        """Whether the ensemble door packs this layout inside its compiled graph
+        (``members``: the product of the leading dims), see :data:`FUSED_PACK_TENSORS`."""
+        return (
+            self.n_tensors <= FUSED_PACK_TENSORS
+            and members * self.n_chunks * self.chunk_size <= FUSED_PACK_NUMEL
+        )
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views into ``flat`` (``[*lead, n_chunks, C]``) shaped like each tensor; no copy."""
         if flat.shape[-2:] != (self.n_chunks, self.chunk_size):
@@ -450,11 +494,6 @@ class Layout:
         if first is None or first.dtype != dtype or first.dim() < n_lead:
             return None
         C, row = self.chunk_size, self.n_chunks * self.chunk_size
-        if len(tensors) == 1 and self.numels[0] == row:  # one tensor, no padding
-            # its own buffer exactly when it is contiguous (the general test's answer, cheaper)
-            if first.shape[n_lead:] != self.shapes[0] or not first.is_contiguous():
-                return None
-            return first.view(*first.shape[:n_lead], self.n_chunks, C)
         lead = tuple(first.shape[:n_lead])
         buf_strides = _contiguous_strides((*lead, self.n_chunks, C))
         origin = first.storage_offset() - self.starts[0] * C

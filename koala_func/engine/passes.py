@@ -246,7 +246,6 @@ def run(
     inplace: bool = False,
     overwrite: bool = False,
     out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-    spans: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """One KOALA++ step over packed buffers.
 
@@ -270,11 +269,6 @@ def run(
             :func:`overwrite_update`, so that no output buffer is allocated.
         out: per layout, ``(theta, v, h)`` buffers to write the results into (recycled
             buffers: fresh outputs pay page faults on CPU); the block state is returned.
-        spans: per layout, the range ``(first, end)`` of the blocks it holds, when no block
-            spans two layouts: each layout then has its own sums, scalar math and update,
-            and for a layout of one block (the ensemble door's rows: one tensor, one chunk)
-            no ``index_add`` or gather at all. ``None``: the sums of every layout are added
-            up first (a block may span layouts).
 
     Returns:
         per layout ``(theta, v, h)`` (the buffers written, with ``inplace`` or ``out``), and the
@@ -309,109 +303,73 @@ def run(
         for owner, b in zip(owners, bufs, strict=True)
     ]
     tiles = [_tiles(b.g) for b in bufs]
-    if spans is None:  # one group: every layout, every block
-        groups = [(list(range(len(bufs))), 0, n_blocks)]
-    else:
-        if reduce is not None:
-            raise ValueError("run() takes spans or reduce, not both")
-        groups = [([i], a, b) for i, (a, b) in enumerate(spans)]
+
+    # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart).
+    dots = {True: None, False: None}
+    for owner, buf, wd_c, shard, layout_tiles in zip(
+        owners, bufs, wds, sharded, tiles, strict=True
+    ):
+        for tile in layout_tiles:
+            parts = partial_sums(buf, wd_c, tile, cdt)
+            d = _block_sums(parts, owner if tile is None else owner[tile], n_blocks)
+            dots[shard] = d if dots[shard] is None else dots[shard] + d
+
+    if reduce is not None:
+        one = torch.ones_like(mean)
+        part = dots[True]
+        flat = [] if part is None else [part.reshape(-1)]
+        vec = reduce(torch.cat([*flat, torch.stack([mean.to(cdt), mean_sq.to(cdt), one])]))
+        if part is not None:
+            dots[True] = vec[:-3].view_as(part)
+        mean = vec[-3] / vec[-1]
+        # A mean loss feeds R with L**2 of the global mean, not the mean of the ranks' L**2.
+        mean_sq = vec[-2] / vec[-1] if per_sample else mean * mean
+    total = [d for d in dots.values() if d is not None]
+    sums = total[0] if len(total) == 1 else total[0] + total[1]
+    assert sums.shape[-1] == len(DOTS)
+
+    u = block_update(
+        sums,
+        blocks.s,
+        blocks.count,
+        blocks.skipped,
+        blocks.r_est,
+        mean.to(cdt).unsqueeze(-1),
+        mean_sq.to(cdt).unsqueeze(-1),
+        hp,
+        cfg,
+        present,
+        skip_all,
+    )
+
+    # Pass 2: per-chunk coefficients, one elementwise pass per layout.
+    coef = _coefficients(u, hp.q.to(cdt))
+    results = []
     dsts = [(b.theta, b.v, b.h) for b in bufs] if inplace or overwrite else out
-    results: list = [None] * len(bufs)
-
-    def group(members: list[int], first: int, end: int) -> BlockUpdate:
-        """Pass 1, the scalar math and pass 2 of the layouts ``members``, which hold the
-        blocks ``first:end``; their results go into ``results``."""
-        n = end - first
-
-        # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart).
-        dots = {True: None, False: None}
-        for i in members:
-            owner = owners[i] if first == 0 else owners[i] - first
-            for tile in tiles[i]:
-                parts = partial_sums(bufs[i], wds[i], tile, cdt)
-                d = _block_sums(parts, owner if tile is None else owner[tile], n)
-                shard = sharded[i]
-                dots[shard] = d if dots[shard] is None else dots[shard] + d
-
-        m, m2 = mean, mean_sq  # averaged over ranks by reduce
-        if reduce is not None:
-            one = torch.ones_like(m)
-            part = dots[True]
-            flat = [] if part is None else [part.reshape(-1)]
-            vec = reduce(torch.cat([*flat, torch.stack([m.to(cdt), m2.to(cdt), one])]))
-            if part is not None:
-                dots[True] = vec[:-3].view_as(part)
-            m = vec[-3] / vec[-1]
-            # A mean loss feeds R with L**2 of the global mean, not the mean of the ranks' L**2.
-            m2 = vec[-2] / vec[-1] if per_sample else m * m
-        total = [d for d in dots.values() if d is not None]
-        sums = total[0] if len(total) == 1 else total[0] + total[1]
-        assert sums.shape[-1] == len(DOTS)
-
-        def span(x):
-            return _span(x, first, end, n_blocks)
-
-        u = block_update(
-            sums,
-            *(span(x) for x in (blocks.s, blocks.count, blocks.skipped, blocks.r_est)),
-            m.to(cdt).unsqueeze(-1),
-            m2.to(cdt).unsqueeze(-1),
-            Hyper(*map(span, hp)),
-            BlockConfig(*map(span, cfg)),
-            span(present),
-            skip_all,
-        )
-
-        # Pass 2: per-chunk coefficients, one elementwise pass per layout.
-        coef = _coefficients(u, span(hp.q).to(cdt))
-        for i in members:
-            owner, buf, wd_c, layout_tiles = owners[i], bufs[i], wds[i], tiles[i]
-            kept = (buf.theta, buf.v, buf.h)
-            cf = coef if n == 1 else coef.index_select(-2, owner if first == 0 else owner - first)
-            cf = cf.expand(*buf.g.shape[:-2], owner.shape[0], cf.shape[-1])
-            dst = dsts[i] if dsts is not None else None
-            if dst is None and layout_tiles != [None]:  # eager tiles write into new buffers
-                dst = tuple(torch.empty_like(t) for t in kept)
-            if dst is None:  # compiled, functional: the results are the new tensors
-                new = _updated(buf, wd_c, cf, None, cdt)
-                results[i] = tuple(
-                    x.to(t.dtype).view(t.shape) for x, t in zip(new, kept, strict=True)
-                )
-                continue
-            if overwrite and torch.compiler.is_compiling() and buf.g.device.type == "cpu":
-                overwrite_update(*buf, _rows(cf, None), None if wd_c is None else _rows(wd_c, None))
-            else:
-                for tile in layout_tiles:
-                    write_update(buf, wd_c, cf, tile, dst)
-            results[i] = tuple(dst)
-        return u
-
-    updates = [group(*g) for g in groups]
-    u = updates[0] if len(updates) == 1 else _joined(updates, blocks, hp, cfg)
+    for i, (owner, buf, wd_c, layout_tiles) in enumerate(
+        zip(owners, bufs, wds, tiles, strict=True)
+    ):
+        kept = (buf.theta, buf.v, buf.h)
+        cf = coef if n_blocks == 1 else coef.index_select(-2, owner)
+        cf = cf.expand(*buf.g.shape[:-2], owner.shape[0], cf.shape[-1])
+        dst = dsts[i] if dsts is not None else None
+        if dst is None and layout_tiles != [None]:  # eager tiles write into new buffers
+            dst = tuple(torch.empty_like(t) for t in kept)
+        if dst is None:  # compiled, functional: the results are the new tensors
+            new = _updated(buf, wd_c, cf, None, cdt)
+            results.append(
+                tuple(x.to(t.dtype).view(t.shape) for x, t in zip(new, kept, strict=True))
+            )
+            continue
+        if overwrite and torch.compiler.is_compiling() and buf.g.device.type == "cpu":
+            overwrite_update(*buf, _rows(cf, None), None if wd_c is None else _rows(wd_c, None))
+        else:
+            for tile in layout_tiles:
+                write_update(buf, wd_c, cf, tile, dst)
+        results.append(tuple(dst))
     if inplace:
         for dst, src in zip(blocks, (u.s, u.count, u.skipped, u.r), strict=True):
             # Through a 1-d view: inductor (torch 2.13, CPU) drops a copy_ into a 0-d float64
             # graph input.
             dst.view(-1).copy_(src.expand_as(dst).reshape(-1))
     return results, u
-
-
-def _span(x, first: int, end: int, n_blocks: int):
-    """The blocks ``first:end`` of a per-block value ``[..., T]``; a value broadcast over the
-    blocks (``[..., 1]``, a Python flag, ``None``) as it is."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[-1] == 1:
-        return x
-    if (first, end) == (0, n_blocks):
-        return x
-    return x[..., first:end]
-
-
-def _joined(updates: list[BlockUpdate], blocks: Blocks, hp: Hyper, cfg: BlockConfig):
-    """One :class:`BlockUpdate` over all blocks from the groups' (in block order). ``r`` is
-    per block only where an input of R is; else it is ``[..., 1]`` and equal in every group."""
-    wide = [blocks.r_est, hp.r, hp.alpha_r, hp.loss_target, cfg.online, cfg.variance]
-    per_block = any(isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] != 1 for x in wide)
-    fields = [torch.cat(parts, -1) for parts in zip(*updates, strict=True)]
-    if not per_block:
-        fields[BlockUpdate._fields.index("r")] = updates[0].r
-    return BlockUpdate(*fields)
