@@ -428,12 +428,12 @@ def _in_place(layout, tensors, dtype):
     its kernels (no packed copy); else a packed copy into a spare buffer (``None``: all
     missing, ``engine_buffers`` zeros them)."""
     base = layout.packed_base(tensors, 1, dtype)
-    if base is not None or all(t is None for t in tensors):
+    if base is not None:
         return base
-    n = next(t for t in tensors if t is not None).shape[0]
-    if layout.fuses_pack(n):
+    first = next((t for t in tensors if t is not None), None)
+    if first is not None and layout.fuses_pack(first.shape[0]):
         return tuple(tensors)
-    return spare_pack(layout, tensors, dtype, 1)
+    return spare_pack(layout, tensors, dtype, 1)  # None when all are missing
 
 
 def _packed(x, spec: tuple, dtype: torch.dtype) -> torch.Tensor:
