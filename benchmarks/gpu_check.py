@@ -4,9 +4,10 @@
     python benchmarks/gpu_check.py --device cpu --quick   # the same checks on CPU (a dry run)
 
 1. Parity, float32 and bfloat16: ``KoalaPP`` (default and ``impl="reference"``),
-   ``torch.compile(opt.step, fullgraph=True)`` over a TensorDict, ``ensemble_step`` (E=3) and
-   the eager functional step, each run for STEPS steps on the same parameters, gradients and
-   losses (given in the tested dtype) as the reference step run in float64. The error is
+   ``torch.compile(opt.step, fullgraph=True)`` over a TensorDict, ``ensemble_step`` (E=3, and
+   with ``inplace=True``) and the eager functional step, each run for STEPS steps on the same
+   parameters, gradients and losses (given in the tested dtype) as the reference step run in
+   float64. The error is
    ``max |theta - theta_ref64| / max |theta_ref64 - theta_0|`` (relative to how far the
    parameters moved); the yardstick is the same error of the eager reference step run in the
    tested dtype. A door passes within ``max(4 * yardstick, TOL[dtype])``.
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
             opt.step(loss=loss)
         return [p.detach() for p in ps]
 
-    def run_ensemble(dtype, members=3):
+    def run_ensemble(dtype, members=3, inplace=False):
         per = [data(SMALL, dtype, seed=e) for e in range(members)]
         names = [f"p{i:03d}" for i in range(len(SMALL))]
         params = TensorDict(
@@ -176,8 +177,10 @@ def main(argv=None) -> int:
             batch_size=[members],
         )
         opt = kf.koala_pp(lr=lr, weight_decay=wd, state_dtype=sd)
+        if inplace:
+            params = kf.member_views(params)
         state = kf.ensemble_init(opt, params)
-        step = kf.ensemble_step(opt)
+        step = kf.ensemble_step(opt, inplace=inplace)
         for k in range(STEPS):
             grads = TensorDict(
                 {
@@ -237,6 +240,11 @@ def main(argv=None) -> int:
             dtype,
             lambda d=dtype: verdict(*run_ensemble(d), d),
         )
+        chk.run(
+            "parity: ensemble_step(inplace=True) (E=3, each member)",
+            dtype,
+            lambda d=dtype: verdict(*run_ensemble(d, inplace=True), d),
+        )
 
     # ---- 2. step time against AdamW(fused=True)
     print("step time", flush=True)
@@ -287,6 +295,7 @@ def main(argv=None) -> int:
             {
                 f"AdamW(fused=True) over stacked [E={e}, ...]": (harness.ENS_ADAMW, []),
                 f"ensemble_step, E={e} {'-'.join(map(str, ENSEMBLE_SIZES))}": (harness.ENS, []),
+                f"ensemble_step(inplace=True), E={e}": (harness.ENS_INPLACE, []),
             },
             f"AdamW(fused=True) over stacked [E={e}, ...]",
             "AdamW",

@@ -1,6 +1,7 @@
 """Where an ensemble call's time goes: the compiled kernel, Dynamo's guard check, and the rest.
 
     python -m benchmarks.profile_ensemble            # E = 64 members of the 64-64-64-10 MLP
+    python -m benchmarks.profile_ensemble --inplace  # ensemble_step(opt, inplace=True)
 
 The one-call ``ensemble_step`` of the report's ensemble table, timed back to back (median of
 5 x 200 calls), then under ``torch.profiler`` over 50 calls. *outside* is the profiled wall
@@ -16,13 +17,13 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness import ENS, _ensemble_case
+from benchmarks.harness import ENS, ENS_INPLACE, _ensemble_case
 
 
-def run(members: int = 64, calls: int = 50) -> dict[str, float]:
+def run(members: int = 64, calls: int = 50, inplace: bool = False) -> dict[str, float]:
     """Milliseconds a call: ``call`` unprofiled; ``wall``, ``kernel``, ``region``, ``guards``
     and ``outside`` profiled."""
-    case = _ensemble_case(ENS, members, 5e-4, "cpu")
+    case = _ensemble_case(ENS_INPLACE if inplace else ENS, members, 5e-4, "cpu")
     for _ in range(30):  # compile, warm
         case.fn()
     rounds = []
@@ -56,9 +57,11 @@ def run(members: int = 64, calls: int = 50) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=64)
+    ap.add_argument("--inplace", action="store_true", help="ensemble_step(opt, inplace=True)")
     args = ap.parse_args(argv)
-    r = run(args.members)
-    print(f"E={args.members}: {r['call']:.3f} ms a call; profiled {r['wall']:.3f} ms a call:")
+    r = run(args.members, inplace=args.inplace)
+    door = "in place" if args.inplace else "functional"
+    print(f"E={args.members}, {door}: {r['call']:.3f} ms a call; profiled {r['wall']:.3f} ms:")
     for k in ("kernel", "region", "guards", "outside"):
         print(f"  {k:8s} {r[k]:.3f} ms  {r[k] / r['wall']:4.0%}")
 

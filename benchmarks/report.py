@@ -34,6 +34,7 @@ from .harness import (
     COPY,
     ENS,
     ENS_ADAM,
+    ENS_INPLACE,
     ENS_LOOP,
     FUNC,
     KOALA,
@@ -54,7 +55,7 @@ OPS = {"<=": operator.le, ">=": operator.ge, "=": operator.eq}
 FULL_PLAN = [(m, STEP) for m in harness.METHODS] + [(m, TRAIN) for m in harness.TRAIN_METHODS]
 WD0_PLAN = [(ADAM, STEP), (KOALA, STEP), (COPY, STEP), (ADAM, TRAIN), (KOALA, TRAIN)]
 SET_PLAN = [(m, STEP) for m in harness.METHODS]
-ENSEMBLE_PLAN = [(m, STEP) for m in (ENS, ENS_ADAM, ENS_LOOP)]
+ENSEMBLE_PLAN = [(m, STEP) for m in (ENS, ENS_INPLACE, ENS_ADAM, ENS_LOOP)]
 
 
 def groups_for(set_name: str, full: bool) -> list[tuple[float, list]]:
@@ -207,6 +208,14 @@ def targets(res) -> list[dict]:
         2.0,
     )
     add(
+        f"ensemble E={e}: {ENS_INPLACE} / {ENS_ADAM}",
+        ratio(rows, "ensemble", 5e-4, ENS_INPLACE, ENS_ADAM),
+        "{:.2f}x",
+        "<=",
+        2.0,
+        "the same door with inplace=True: the results written into the given params and state",
+    )
+    add(
         f"ensemble E={e}: {ENS_LOOP} / {ENS}",
         ratio(rows, "ensemble", 5e-4, ENS_LOOP, ENS),
         "{:.2f}x",
@@ -269,6 +278,10 @@ def readme_figures(res) -> dict[str, str]:
         ("koalapp_vs_adam_wd0", f"ResNet-18, wd 0: {KOALA} / {ADAM}"),
         ("ensemble_vs_adam_stacked", f"ensemble E={res.get('members', 64)}: {ENS} / {ENS_ADAM}"),
         ("adam_loop_vs_ensemble", f"ensemble E={res.get('members', 64)}: {ENS_LOOP} / {ENS}"),
+        (
+            "ensemble_inplace_vs_adam_stacked",
+            f"ensemble E={res.get('members', 64)}: {ENS_INPLACE} / {ENS_ADAM}",
+        ),
     ):
         if target in t and t[target]["measured"]:
             f[key] = t[target]["measured"]
@@ -292,7 +305,8 @@ README_TEXT = (
     "Adam's time and compiles cold in {functional_compile_10} at 10 tensors and "
     "{functional_compile_160} at 160. An ensemble of 64 small MLPs steps in one call in "
     "{ensemble_vs_adam_stacked} the time of one fused Adam step over the same stacked "
-    "parameters, while a loop of 64 fused Adam steps takes {adam_loop_vs_ensemble} as long. "
+    "parameters ({ensemble_inplace_vs_adam_stacked} with `inplace=True`), while a loop of 64 "
+    "fused Adam steps takes {adam_loop_vs_ensemble} as long. "
     "Tables, machine and method: [docs/benchmarks.md](docs/benchmarks.md); regenerate with "
     "`python -m benchmarks.report` (about {report_minutes}), or get a quick table with "
     "`python -m koala_func bench`."

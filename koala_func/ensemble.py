@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -256,6 +257,7 @@ def ensemble_step(
     step: KoalaPPTransform | StepFn,
     *,
     compile: bool = True,
+    inplace: bool = False,
     fullgraph: bool = True,
     **compile_kwargs: Any,
 ) -> StepFn:
@@ -270,6 +272,14 @@ def ensemble_step(
             eager ``torch.vmap(step)``. The vmapped forms stack lazily stacked inputs
             (``LazyStackedTensorDict.lazy_stack``) densely first and give lazily stacked
             params back, as the engine does.
+        inplace: write the new parameters and state into ``params`` and ``state`` (their
+            tensors) and return those same objects, as a ``torch.optim`` step does; the
+            results equal those of ``inplace=False``. The engine then updates the packed
+            member buffers where they are (:func:`stack_params`, :func:`ensemble_init` and
+            :func:`member_views` make them): no new buffers, half the memory traffic of
+            writing results elsewhere. Other leaves (contiguous, lazily stacked) get the
+            results by a copy. Not with a differentiable optimizer (it would overwrite
+            the values its graph saved).
         fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
         **compile_kwargs: other ``torch.compile`` arguments (``mode``, ``dynamic``, ...).
 
@@ -301,9 +311,21 @@ def ensemble_step(
         >>> params, state = step(params, grads, torch.tensor([0.7, 0.7, 0.7]), state)
         >>> state.count.tolist()  # member 1 had a zero gradient: skipped there only
         [[1], [0], [1]]
+
+        In place, the same objects come back, updated:
+
+        >>> step = ensemble_step(opt, compile=False, inplace=True)
+        >>> new_params, new_state = step(params, grads, torch.tensor([0.7, 0.7, 0.7]), state)
+        >>> new_params is params, new_state is state, state.step.tolist()
+        (True, True, [2, 2, 2])
     """
+    if inplace and isinstance(step, KoalaPPTransform) and step.differentiable:
+        raise ValueError(
+            "ensemble_step() cannot be in place with a differentiable optimizer: the update "
+            "would overwrite values that its autograd graph saved; use inplace=False"
+        )
     if compile and _uses_engine(step):
-        return _EngineEnsembleStep(step, fullgraph=fullgraph, **compile_kwargs)
+        return _EngineEnsembleStep(step, inplace=inplace, fullgraph=fullgraph, **compile_kwargs)
     fn = torch.vmap(_plain_step(step))
     if compile:
         fn = torch.compile(
@@ -312,6 +334,8 @@ def ensemble_step(
 
     def vmapped_step(params, grads, loss, state):
         new_params, new_state = fn(_stacked(params), _stacked(grads), loss, _stacked(state))
+        if inplace:
+            return _written_back(params, state, new_params, new_state)
         return _as_given(params, new_params), new_state
 
     vmapped_step._compiled = fn if compile else None
@@ -330,26 +354,44 @@ class _EngineEnsembleStep:
     buffers (on CPU from :data:`koala_func.engine.layout.SPARE`: buffers of earlier results
     that nothing references any more). Traced inside a user's ``torch.compile``, the step is
     the engine in that graph.
+
+    In place, the graph writes into the packed member buffers themselves (leaves that are not
+    views of one are packed into a spare buffer first and get their results back by a copy)
+    and the block state and step count where they are.
     """
 
-    def __init__(self, opt: KoalaPPTransform, *, fullgraph: bool = True, **compile_kwargs: Any):
+    def __init__(
+        self,
+        opt: KoalaPPTransform,
+        *,
+        inplace: bool = False,
+        fullgraph: bool = True,
+        **compile_kwargs: Any,
+    ):
         self.opt = opt
+        self.inplace = inplace
 
         def packed_step(bufs, specs, outs, owners, present, blocks, step, loss, hyper):
+            # outs None: in place, into bufs (theta, v, h as [rows, C]) and blocks
+            kept = outs if outs is not None else [(b[0], b[2], b[3]) for b in bufs]
             _, u = engine_run(
                 opt,
                 owners,
                 present,
                 [
                     Buffers(*map(_packed, b, (spec,) * 4, (t.dtype, t.dtype, v.dtype, h.dtype)))
-                    for b, spec, (t, v, h) in zip(bufs, specs, outs, strict=True)
+                    for b, spec, (t, v, h) in zip(bufs, specs, kept, strict=True)
                 ],
                 Blocks(*blocks),
                 Hyper(*(x.unsqueeze(-1) for x in hyper)),
                 loss,
                 1,
                 out=outs,
+                inplace=outs is None,
             )
+            if outs is None:
+                step.add_(1)
+                return None
             return blocks_out(u), step + 1
 
         def members(params, grads, loss, state):
@@ -360,10 +402,21 @@ class _EngineEnsembleStep:
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
+        self._hot: _Hot | None = None  # the last in-place call's plan and buffers
 
     def __call__(self, params, grads, loss, state):
+        if not self.inplace:
+            return self._step(params, grads, loss, state)
+        if _is_lazy(params) or _is_lazy(state):  # its leaves are copies: step dense ones
+            dense = _stacked(params), _stacked(state)
+            self._step(dense[0], grads, loss, dense[1], inplace=True)
+            return _written_back(params, state, *dense)
+        return self._step(params, grads, loss, state, inplace=True)
+
+    def _step(self, params, grads, loss, state, inplace: bool = False):
         if torch.compiler.is_compiling():
-            return self._members(params, grads, loss, state)
+            new = self._members(params, grads, loss, state)
+            return _written_back(params, state, *new) if inplace else new
         opt = self.opt
         state = _stacked(state)
         keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 1)
@@ -371,15 +424,25 @@ class _EngineEnsembleStep:
             if self._traced is None:
                 fn = _with_own_code(self._members, "ensemble_step")
                 self._traced = torch.compile(fn, **self._kwargs)
-            return self._traced(params, grads, loss, state)
+            new = self._traced(params, grads, loss, state)
+            return _written_back(params, state, *new) if inplace else new
         n = ensemble_size(params)
         fields = state._tensordict._tensordict  # a TensorClass's fields: read once, directly
         hyper = fields["hyper"]._tensordict._tensordict
         h_leaves = leaves(fields["h_prev"])
+        if inplace:
+            with torch.no_grad():
+                self._update(keys, (p_leaves, g_leaves, v_leaves, h_leaves), state, loss, n)
+            return params, state
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
             v = [v_leaves[k] for k in keys]
-            bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 1, _in_place)
+            h = [h_leaves[k] for k in keys]
+            specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
+            owners = [layout.owner for layout, _ in plan.groups]
+            frame = (tuple(plan.present), tuple(blocks_in(state)), fields["step"], loss)
+            frame = (*frame, tuple(hyper[k] for k in _HYPER))
+            bufs = engine_buffers(opt, plan, v, h, 1, _in_place)
             dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
             outs = [
                 (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
@@ -387,21 +450,145 @@ class _EngineEnsembleStep:
             ]
             block_state, step = self._packed(
                 [tuple(b) for b in bufs],
-                [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups],
+                specs,
                 # as [rows, C], the shape the update is computed in: inductor then writes each
                 # result in the loop that computes it (a [E, n_chunks, C] output would be a
                 # second loop, re-reading v_k from a temporary)
-                [tuple(t.view(-1, t.shape[-1]) for t in o) for o in outs],
-                [layout.owner for layout, _ in plan.groups],
-                tuple(plan.present),
-                tuple(blocks_in(state)),
-                fields["step"],
-                loss,
-                tuple(hyper[k] for k in _HYPER),
+                [tuple(_rows(t) for t in o) for o in outs],
+                owners,
+                *frame,
             )
             new = engine_views(plan, outs, 1)
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
+
+    def _update(self, keys, found, state, loss, n: int) -> None:
+        """The in-place step: the engine writes into the packed member buffers that the
+        leaves of ``found`` (params, grads, v, h by key) are views of, or into packed
+        copies whose results are then copied into the leaves. Where every leaf was a view,
+        the buffers are remembered (weakly) with the objects they came from: a call on the
+        same leaves and state tensors, the usual training loop, skips the planning."""
+        p_leaves, g_leaves, v_leaves, h_leaves = found
+        fields = state._tensordict._tensordict
+        hyper = fields["hyper"]._tensordict._tensordict
+        own = [p_leaves[k] for k in keys] + [v_leaves[k] for k in keys]
+        own += [h_leaves[k] for k in keys]
+        tensors = [*own, *(fields[f] for f in _BLOCK_FIELDS), *(hyper[k] for k in _HYPER)]
+        mask = tuple(k in g_leaves for k in keys)
+        hot = self._hot
+        bufs = hot.buffers(keys, tensors, own, mask) if hot is not None else None
+        if bufs is None:
+            plan = engine_plan(self.opt, keys, p_leaves, g_leaves, 1)
+            v, h = own[len(keys) : 2 * len(keys)], own[2 * len(keys) :]
+            bufs, copies = _own_buffers(self.opt, plan, v, h, n)
+            hot = _Hot(keys, plan, tensors, own, mask, bufs)
+            self._hot = None if copies else hot
+        else:
+            copies = []
+        grads = [
+            _in_place(layout, [g_leaves.get(keys[i]) for i in idx], layout.dtype)
+            for layout, idx in hot.groups
+        ]
+        self._packed(
+            [
+                (t, g if g is not None else layout.zeros(n, dtype=layout.dtype), v, h)
+                for (t, v, h), g, (layout, _) in zip(bufs, grads, hot.groups, strict=True)
+            ],
+            hot.specs,
+            None,
+            hot.owners,
+            hot.present,
+            tuple(blocks_in(state)),
+            fields["step"],
+            loss,
+            tuple(hyper[k] for k in _HYPER),
+        )
+        for leaves_of, buf, layout in copies:  # leaves that were not packed views
+            for t, view in zip(leaves_of, layout.views(buf), strict=True):
+                t.copy_(view)
+
+
+_BLOCK_FIELDS = ("s", "count", "skipped", "r_est", "step")
+
+
+class _Hot:
+    """What an in-place ensemble step planned, kept for the next call on the same tensors:
+    the layouts and the packed buffers (as ``[rows, C]``) of theta, v and h. It holds weak
+    references only, so it keeps no buffer or state alive, and it answers only for the same
+    keys, the same tensor objects with the same addresses, strides and shapes (``p.data =``,
+    ``set_`` or ``as_strided_`` change them), and the same gradients present."""
+
+    def __init__(self, keys, plan, tensors, own, mask, bufs):
+        self.keys = list(keys)
+        self.groups = plan.groups
+        self.specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
+        self.owners = [layout.owner for layout, _ in plan.groups]
+        self.present = tuple(plan.present)
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
+        self.mask = mask
+        # each [rows, C] buffer again from the first leaf of its layout (a view of it)
+        n = len(keys)
+        self.geometry = [
+            tuple(
+                (m * n + idx[0], tuple(b.shape), b.stride(), b.storage_offset())
+                for m, b in enumerate(row)
+            )
+            for row, (_, idx) in zip(bufs, plan.groups, strict=True)
+        ]
+
+    def buffers(self, keys, tensors, own, mask) -> list | None:
+        """Per layout ``(theta, v, h)`` as ``[rows, C]``, or ``None`` where anything moved."""
+        if mask != self.mask or keys != self.keys or len(tensors) != len(self.refs):
+            return None
+        if any(r() is not t for r, t in zip(self.refs, tensors, strict=True)):
+            return None
+        where = zip(own, self.where, strict=True)
+        if any((t.data_ptr(), t.stride(), t.shape) != w for t, w in where):
+            return None
+        return [tuple(own[j].as_strided(*g) for j, *g in row) for row in self.geometry]
+
+
+def _own_buffers(opt: KoalaPPTransform, plan, v: list, h: list, n: int):
+    """The buffers an in-place step writes: per layout ``(theta, v, h)`` as ``[rows, C]``,
+    the packed member buffers that the leaves are views of, else spare packed copies (listed
+    in ``copies`` as ``(leaves, buffer, layout)``, for the write-back)."""
+    bufs, copies = [], []
+    for layout, idx in plan.groups:
+        sd = opt.state_dtype or layout.dtype
+        own = []
+        for tensors, dtype in ((plan.params, layout.dtype), (v, sd), (h, sd)):
+            chosen = [tensors[i] for i in idx]
+            buf = layout.packed_base(chosen, 1, dtype)
+            if buf is None:
+                buf = spare_pack(layout, chosen, dtype, 1)
+                copies.append((chosen, buf, layout))
+            own.append(_rows(buf))
+        bufs.append(tuple(own))
+    return bufs, copies
+
+
+def _rows(buf: torch.Tensor) -> torch.Tensor:
+    """A packed buffer ``[E, n_chunks, C]`` as ``[rows, C]``, the shape the engine writes in:
+    written through a ``[E, n_chunks, C]`` graph input, inductor (torch 2.13, CPU) computes
+    the results into a temporary first, a fresh mapping of page faults every call."""
+    return buf.view(-1, buf.shape[-1])
+
+
+def _is_lazy(x) -> bool:
+    """Whether ``x`` is a lazy stack, or a TensorClass over one (its leaves are copies)."""
+    return isinstance(x, LazyStackedTensorDict) or (
+        is_tensorclass(x) and type(x._tensordict) is not TensorDict
+    )
+
+
+def _written_back(params, state, new_params, new_state):
+    """``params`` and ``state`` with the results of a step copied into their tensors (the
+    hyperparameters do not change), returned."""
+    with torch.no_grad():
+        params.update_(new_params)
+        state._tensordict.update_(new_state._tensordict.exclude("hyper"))
+    return params, state
 
 
 def _stacked(x):
@@ -409,10 +596,7 @@ def _stacked(x):
     TensorClass over anything but a plain TensorDict, such as a state of stacked member states;
     else ``x`` itself. ``torch.vmap`` batches a lazy stack's leaves but not its ``batch_size``,
     so a member's step would see ``[E]`` there; the engine reads one plain dict of fields."""
-    lazy = isinstance(x, LazyStackedTensorDict) or (
-        is_tensorclass(x) and type(x._tensordict) is not TensorDict
-    )
-    return torch.stack(x.unbind(0)) if lazy else x
+    return torch.stack(x.unbind(0)) if _is_lazy(x) else x
 
 
 def _as_given(params, new_params):
@@ -437,10 +621,13 @@ def _in_place(layout, tensors, dtype):
 
 
 def _packed(x, spec: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` as a packed buffer, inside the compiled graph: a tuple of tensors is packed
-    (``spec``: the layout's chunk counts and chunk size)."""
+    """``x`` as a packed buffer ``[E, n_chunks, C]``, inside the compiled graph: a tuple of
+    tensors is packed, a ``[rows, C]`` buffer viewed (``spec``: the layout's chunk counts and
+    chunk size)."""
     if isinstance(x, tuple):
         return pack_in_graph(x, *spec, dtype, 1)
+    if x.dim() == 2:
+        return x.view(-1, sum(spec[0]), spec[1])
     return x
 
 

@@ -459,11 +459,13 @@ def engine_run(
     sharded: list[bool] | None = None,
     out: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
     overwrite: bool = False,
+    inplace: bool = False,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], BlockUpdate]:
     """:func:`~koala_func.engine.run` on packed buffers (``owners``: each layout's
     ``Layout.owner``; ``present``: per block, it received a gradient; ``sharded``: per
     layout; ``out``: buffers to write the results into; ``overwrite``: write them into
-    ``bufs``, the caller's own copies), with the loss moments of ``loss``."""
+    ``bufs``, the caller's own copies; ``inplace``: write them into ``bufs`` and the block
+    state into ``blocks``), with the loss moments of ``loss``."""
     cdt = blocks.s.dtype
     per_sample = loss.dim() == n_lead + 1
     if per_sample:
@@ -485,6 +487,7 @@ def engine_run(
         sharded=sharded,
         out=out,
         overwrite=overwrite,
+        inplace=inplace,
     )
 
 

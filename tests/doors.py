@@ -499,17 +499,23 @@ class OptimRunner(Runner):
 
 class EnsembleRunner(Runner):
     """``ensemble_step(opt)`` (compiled: the engine with a member dimension) or
-    ``ensemble_step(opt, compile=False)`` (``torch.vmap`` of ``opt.step``)."""
+    ``ensemble_step(opt, compile=False)`` (``torch.vmap`` of ``opt.step``); ``inplace``:
+    ``ensemble_step(opt, inplace=True)`` on packed member views (:func:`kf.member_views`),
+    which must return the same objects, updated."""
 
     members = 2
     event_member = 1
 
-    def __init__(self, config, seeds=(0, 1), lrs=None, *, impl="auto", compiled=True):
+    def __init__(
+        self, config, seeds=(0, 1), lrs=None, *, impl="auto", compiled=True, inplace=False
+    ):
         lrs = lrs if lrs is not None else (config.lr, 0.6 * config.lr)
         super().__init__(config, seeds, lrs)
-        self.impl, self.compiled = impl, compiled
-        self.opt, self.step_fn = ensemble_fn(config, impl, compiled)
+        self.impl, self.compiled, self.inplace = impl, compiled, inplace
+        self.opt, self.step_fn = ensemble_fn(config, impl, compiled, inplace)
         self.p = torch.stack([_td(initial_params(s, config.dtype)) for s in self.seeds])
+        if inplace:
+            self.p = kf.member_views(self.p)
         lr = torch.tensor(self.lrs, dtype=torch.promote_types(config.dtype, F32))
         self.st = kf.ensemble_init(self.opt, self.p, lr=lr)
 
@@ -518,7 +524,10 @@ class EnsembleRunner(Runner):
         g = TensorDict(
             {n: torch.stack([gm[n] for gm in grads]) for n in present}, batch_size=[self.members]
         ).unflatten_keys(".")
-        self.p, self.st = self.step_fn(self.p, g, torch.stack(loss), self.st)
+        p, st = self.step_fn(self.p, g, torch.stack(loss), self.st)
+        if self.inplace:
+            assert p is self.p and st is self.st, "an in-place step returns its inputs"
+        self.p, self.st = p, st
 
     def params(self):
         flat = self.p.flatten_keys(".")
@@ -534,7 +543,12 @@ class EnsembleRunner(Runner):
 
     def restore(self, blob):
         new = EnsembleRunner(
-            self.config, seeds=(7, 8), lrs=(1.0, 2.0), impl=self.impl, compiled=self.compiled
+            self.config,
+            seeds=(7, 8),
+            lrs=(1.0, 2.0),
+            impl=self.impl,
+            compiled=self.compiled,
+            inplace=self.inplace,
         )
         new.st, new.p = load_state(io.BytesIO(blob))
         new.k = self.k
@@ -571,14 +585,14 @@ def functional_step(config: Config, impl: str, compiled: bool):
     return _FUNCTIONAL[key]
 
 
-def ensemble_fn(config: Config, impl: str, compiled: bool):
+def ensemble_fn(config: Config, impl: str, compiled: bool, inplace: bool = False):
     if not compiled:
         opt = _opt_for(config, impl)
-        return opt, kf.ensemble_step(opt, compile=False)
-    key = (_structure(config), impl)
+        return opt, kf.ensemble_step(opt, compile=False, inplace=inplace)
+    key = (_structure(config), impl, inplace)
     if key not in _ENSEMBLE:
         opt = _opt_for(config, impl)
-        _ENSEMBLE[key] = (opt, kf.ensemble_step(opt))
+        _ENSEMBLE[key] = (opt, kf.ensemble_step(opt, inplace=inplace))
     return _ENSEMBLE[key]
 
 
@@ -681,6 +695,14 @@ DOORS: list[Door] = [
     Door(
         "ensemble-compiled",
         lambda c, **kw: EnsembleRunner(c, impl="auto", compiled=True, **kw),
+        supports=ALL_FEATURES - {"differentiable"},
+        compiled=True,
+        configs=COMPILED,
+        ensemble=True,
+    ),
+    Door(
+        "ensemble-inplace",
+        lambda c, **kw: EnsembleRunner(c, impl="auto", compiled=True, inplace=True, **kw),
         supports=ALL_FEATURES - {"differentiable"},
         compiled=True,
         configs=COMPILED,

@@ -79,7 +79,7 @@ def test_report_runs_end_to_end(tmp_path, monkeypatch):
     each = ", ".join(f"{x:.1f}" for x in comp["compile_s_samples"])
     assert f"| {comp['compile_s']:.1f} | {each} | " in text
     # every target of the issue is listed; those this run measured say whether they are met
-    assert len(saved["targets"]) == 7
+    assert len(saved["targets"]) == 8
     for t in saved["targets"]:
         assert (t["met"] is None) == (t["measured"] is None)
     # the figures the README quotes are the ones this run measured, when it measured them all
@@ -138,10 +138,10 @@ def test_gpu_check_dry_run_on_cpu_passes_every_check():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| parity:")]
-    assert len(rows) == 10, proc.stdout  # 5 doors, float32 and bfloat16
+    assert len(rows) == 12, proc.stdout  # 6 doors, float32 and bfloat16
     assert all("| pass (limit" in r for r in rows), rows
     times = [line for line in proc.stdout.splitlines() if line.startswith("| time:")]
-    assert len(times) == 3 and all(r.rstrip(" |").endswith("x") for r in times), times
+    assert len(times) == 4 and all(r.rstrip(" |").endswith("x") for r in times), times
 
 
 def test_cold_compile_rows_are_medians_and_their_ratio_is_taken_round_by_round():

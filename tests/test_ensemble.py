@@ -425,6 +425,152 @@ def test_lazily_stacked_members_through_the_vmapped_doors(door):
     assert_same_state(got_s, ref_s, 0)
 
 
+# -- in place --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled_inplace_step():
+    """The door table's compiled in-place ensemble step (tests/doors.py, same graphs)."""
+    from doors import COMPILED_F64, ensemble_fn
+
+    return ensemble_fn(COMPILED_F64, "auto", True, inplace=True)[1]
+
+
+def _lazy(p, state):
+    from tensordict import LazyStackedTensorDict
+
+    members = [state[e] for e in range(ensemble_size(p))]
+    lazy_state = type(state)._from_tensordict(
+        LazyStackedTensorDict.lazy_stack([m._tensordict for m in members])
+    )
+    return LazyStackedTensorDict.lazy_stack(list(p.unbind(0))), lazy_state
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("leaves", ["views", "contiguous", "lazy"])
+def test_in_place_step_equals_the_functional_step(
+    compiled_opt_step, compiled_inplace_step, compiled, leaves
+):
+    """``ensemble_step(opt, inplace=True)`` returns its own inputs, with the functional
+    step's results written into their tensors: packed member views (updated where they are),
+    contiguous leaves and lazily stacked members (given the results by a copy); eagerly with
+    a missing gradient too."""
+    opt, step, params = compiled_opt_step
+    if compiled:
+        in_place = compiled_inplace_step
+    else:
+        step = ensemble_step(opt, compile=False)
+        in_place = ensemble_step(opt, compile=False, inplace=True)
+    n, key = ensemble_size(params), ("0", "weight")
+    ref_p, ref_s = params, ensemble_init(opt, params, **member_hyper(n))
+    p, s = params.clone(), ensemble_init(opt, params, **member_hyper(n))
+    if leaves == "views":
+        p = member_views(p)
+    elif leaves == "contiguous":
+        s = s.apply(lambda t: t.contiguous())
+    else:
+        p, s = _lazy(p, s)
+    kept = [] if leaves == "lazy" else [p.get(key), s.v.get(key), s.s, s.count, s.step]
+    for k in range(3):
+        grads = make_grads(params, k)
+        if not compiled and k == 1:
+            grads = grads.exclude(key)
+        loss = make_loss(n, k, True)
+        ref_p, ref_s = step(ref_p, grads, loss, ref_s)
+        out_p, out_s = in_place(p, grads, loss, s)
+        assert out_p is p and out_s is s
+    assert_close_td(p, ref_p)
+    assert_same_state(s, ref_s)
+    now = [] if leaves == "lazy" else [p.get(key), s.v.get(key), s.s, s.count, s.step]
+    assert all(a is b for a, b in zip(kept, now, strict=True))  # written, not replaced
+    assert not torch.equal(p.get(key), params.get(key))
+
+
+def test_in_place_step_reads_edited_leaves_and_state_not_remembered_buffers(
+    compiled_opt_step, compiled_inplace_step
+):
+    """The in-place step remembers the buffers of its last call (the fast path of a training
+    loop); a leaf replaced, moved (``set_``, ``.data =``) or restrided in place, or new
+    hyperparameters, are used as they now are: the results equal the functional step's
+    after the same edit."""
+    from koala_func.state import replace_leaves
+
+    opt, step, params = compiled_opt_step
+    n, key = ensemble_size(params), ("0", "weight")
+
+    def column_major(t):
+        return t.shape, (t.stride(0), 1, t.shape[1]), t.storage_offset()
+
+    def moved(p, s):
+        for k in p.keys(True, True):
+            leaf = p.get(k)
+            leaf.set_(leaf + 0.25)
+        return p, s
+
+    def data(p, s):
+        p.get(key).data = p.get(key) * 2
+        s.v.get(key).data = s.v.get(key).clone()
+        return p, s
+
+    def restrided(p, s):
+        p.get(key).as_strided_(*column_major(p.get(key)))
+        return p, s
+
+    edits = {
+        "none": lambda p, s: (p, s),
+        "replaced": lambda p, s: (replace_leaves(p, {key: p.get(key) + 0.25}), s),
+        "moved": moved,
+        "data": data,
+        "restrided": restrided,
+        "hyper": lambda p, s: (p, s.with_hyperparams(lr=torch.full((n,), 0.05).double())),
+    }
+
+    def run(door, edit):
+        p = member_views(params.clone())
+        s = ensemble_init(opt, p, **member_hyper(n))
+        for k in range(4):
+            p, s = door(p, make_grads(params, k), make_loss(n, k, True), s)
+            if k == 0:
+                assert door is step or compiled_inplace_step._hot is not None  # remembered
+            if k == 1:
+                p, s = edit(p, s)
+        return p, s
+
+    plain = run(compiled_inplace_step, edits["none"])[0]
+    for name, edit in edits.items():
+        got_p, got_s = run(compiled_inplace_step, edit)
+        ref_p, ref_s = run(step, edit)
+        assert_close_td(got_p, ref_p)
+        assert_same_state(got_s, ref_s)
+        if name != "none":
+            assert not torch.equal(got_p.get(key), plain.get(key)), name  # the edit mattered
+
+
+def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compiled_inplace_step):
+    """The remembered plan holds no tensor alive, and is kept only when every leaf was a
+    view of a packed buffer (else the leaves are packed again at every call)."""
+    import gc
+
+    opt, _, params = compiled_opt_step
+    n = ensemble_size(params)
+    p = member_views(params.clone())
+    s = ensemble_init(opt, p)
+    compiled_inplace_step(p, make_grads(params, 0), make_loss(n, 0, True), s)
+    hot = compiled_inplace_step._hot
+    assert hot is not None
+    del p, s
+    gc.collect()
+    assert all(r() is None for r in hot.refs)
+    p, s = params.clone(), ensemble_init(opt, params)  # contiguous params: copies
+    compiled_inplace_step(p, make_grads(params, 0), make_loss(n, 0, True), s)
+    assert compiled_inplace_step._hot is None
+
+
+def test_in_place_step_refuses_a_differentiable_optimizer():
+    with pytest.raises(ValueError, match="cannot be in place with a differentiable"):
+        ensemble_step(koala_pp(differentiable=True), inplace=True)
+
+
 def test_compiled_vmap_one_graph(compiled_opt_step):
     opt, step, params = compiled_opt_step
     run_ensemble(step, opt, params, member_hyper(2), 1, True)  # warm
