@@ -638,6 +638,7 @@ def ensemble_train_step(
     *,
     shared_inputs: bool = True,
     compile: bool = True,
+    inplace: bool = False,
     fullgraph: bool = True,
     **compile_kwargs: Any,
 ) -> Callable[..., tuple[TensorDictBase, KoalaPPState, torch.Tensor]]:
@@ -652,6 +653,8 @@ def ensemble_train_step(
         shared_inputs: all members see the same minibatch (``inputs [B, ...]``); ``False``
             gives each its own (``inputs [E, B, ...]``, e.g. bootstrapped ensembles).
         compile: compile the vmapped training step (as in :func:`ensemble_step`).
+        inplace: write the new parameters and state into ``params`` and ``state`` and return
+            those same objects (as in :func:`ensemble_step`); compiled, inside the graph.
         fullgraph: passed to ``torch.compile``.
         **compile_kwargs: other ``torch.compile`` arguments.
 
@@ -674,6 +677,11 @@ def ensemble_train_step(
         >>> tuple(losses.shape), state.step.tolist() == [1] * 8
         ((8, 16), True)
     """
+    if inplace and isinstance(opt, KoalaPPTransform) and opt.differentiable:
+        raise ValueError(
+            "ensemble_train_step() cannot be in place with a differentiable optimizer: the "
+            "update would overwrite values that its autograd graph saved; use inplace=False"
+        )
     dim = None if shared_inputs else 0
     grad_fn = value_and_grad(module, loss_fn)
     if compile and _uses_engine(opt):
@@ -682,6 +690,8 @@ def ensemble_train_step(
         def train(params, state, inputs, targets):
             grads, losses = grads_of(params, inputs, targets)
             new_params, new_state = opt._step(params, grads, losses, state, n_lead=1)
+            if inplace:  # in the graph: written into the inputs, which come back
+                new_params, new_state = _written_back(params, state, new_params, new_state)
             return new_params, new_state, losses
 
         fn = train
@@ -700,7 +710,11 @@ def ensemble_train_step(
 
     def train_step(params, state, inputs, targets):
         new_params, new_state, losses = fn(_stacked(params), _stacked(state), inputs, targets)
-        return _as_given(params, new_params), new_state, losses
+        if not inplace:
+            return _as_given(params, new_params), new_state, losses
+        if new_params is not params or new_state is not state:  # results elsewhere: copied
+            _written_back(params, state, new_params, new_state)
+        return params, state, losses
 
     train_step._compiled = fn if compile else None
     return train_step

@@ -612,6 +612,30 @@ def test_train_step_matches_loop(tiny_task):
         torch.testing.assert_close(losses[e], le, rtol=0, atol=TOL)
 
 
+def test_eager_train_step_in_place_equals_the_functional_one(tiny_task):
+    """``ensemble_train_step(..., inplace=True)`` returns its own params and state, with the
+    functional train step's results written into them (the compiled form writes them inside
+    its graph: checked by hand, not here, for the CI budget, see above)."""
+    module, x, y = tiny_task
+    params = stack_params([torch.nn.Linear(4, 3).double() for _ in range(3)])
+    opt = koala_pp(lr=0.5)
+    train = ensemble_train_step(opt, module, ce_per_sample, compile=False)
+    train_ip = ensemble_train_step(opt, module, ce_per_sample, compile=False, inplace=True)
+    p, s = params, ensemble_init(opt, params)
+    p_ip, s_ip = params.clone(), ensemble_init(opt, params)
+    kept = p_ip.get("weight")
+    for _ in range(3):
+        p, s, losses = train(p, s, x, y)
+        out_p, out_s, losses_ip = train_ip(p_ip, s_ip, x, y)
+        assert out_p is p_ip and out_s is s_ip
+        torch.testing.assert_close(losses_ip, losses, rtol=0, atol=0)
+    assert_close_td(p_ip, p, 0)
+    assert_same_state(s_ip, s, 0)
+    assert p_ip.get("weight") is kept
+    with pytest.raises(ValueError, match="cannot be in place with a differentiable"):
+        ensemble_train_step(koala_pp(differentiable=True), module, ce_per_sample, inplace=True)
+
+
 def test_eager_train_step_per_member_inputs(tiny_task):
     module, x, y = tiny_task
     n = 2
