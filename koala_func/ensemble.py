@@ -276,8 +276,8 @@ def ensemble_step(
             tensors) and return those same objects, as a ``torch.optim`` step does; the
             results equal those of ``inplace=False``. The engine then updates the packed
             member buffers where they are (:func:`stack_params`, :func:`ensemble_init` and
-            :func:`member_views` make them): no new buffers, half the memory traffic of
-            writing results elsewhere. Other leaves (contiguous, lazily stacked) get the
+            :func:`member_views` make them): no new buffers, and the writes go to memory
+            the step has just read. Other leaves (contiguous, lazily stacked) get the
             results by a copy. Not with a differentiable optimizer (it would overwrite
             the values its graph saved).
         fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
@@ -466,22 +466,23 @@ class _EngineEnsembleStep:
         """The in-place step: the engine writes into the packed member buffers that the
         leaves of ``found`` (params, grads, v, h by key) are views of, or into packed
         copies whose results are then copied into the leaves. Where every leaf was a view,
-        the buffers are remembered (weakly) with the objects they came from: a call on the
-        same leaves and state tensors, the usual training loop, skips the planning."""
+        the buffers are remembered (weakly) with the leaves they came from: a call on the
+        same leaves, the usual training loop (hyperparameter schedules included), skips the
+        planning."""
         p_leaves, g_leaves, v_leaves, h_leaves = found
         fields = state._tensordict._tensordict
         hyper = fields["hyper"]._tensordict._tensordict
+        # the block state, step and hyperparameters are read from the state at every call
         own = [p_leaves[k] for k in keys] + [v_leaves[k] for k in keys]
         own += [h_leaves[k] for k in keys]
-        tensors = [*own, *(fields[f] for f in _BLOCK_FIELDS), *(hyper[k] for k in _HYPER)]
         mask = tuple(k in g_leaves for k in keys)
         hot = self._hot
-        bufs = hot.buffers(keys, tensors, own, mask) if hot is not None else None
+        bufs = hot.buffers(keys, own, mask) if hot is not None else None
         if bufs is None:
             plan = engine_plan(self.opt, keys, p_leaves, g_leaves, 1)
             v, h = own[len(keys) : 2 * len(keys)], own[2 * len(keys) :]
             bufs, copies = _own_buffers(self.opt, plan, v, h, n)
-            hot = _Hot(keys, plan, tensors, own, mask, bufs)
+            hot = _Hot(keys, plan, own, mask, bufs)
             self._hot = None if copies else hot
         else:
             copies = []
@@ -508,23 +509,21 @@ class _EngineEnsembleStep:
                 t.copy_(view)
 
 
-_BLOCK_FIELDS = ("s", "count", "skipped", "r_est", "step")
-
-
 class _Hot:
     """What an in-place ensemble step planned, kept for the next call on the same tensors:
     the layouts and the packed buffers (as ``[rows, C]``) of theta, v and h. It holds weak
     references only, so it keeps no buffer or state alive, and it answers only for the same
-    keys, the same tensor objects with the same addresses, strides and shapes (``p.data =``,
-    ``set_`` or ``as_strided_`` change them), and the same gradients present."""
+    keys, the same leaves (params, v, h) with the same addresses, strides and shapes
+    (``p.data =``, ``set_`` or ``as_strided_`` change them), and the same gradients present.
+    """
 
-    def __init__(self, keys, plan, tensors, own, mask, bufs):
+    def __init__(self, keys, plan, own, mask, bufs):
         self.keys = list(keys)
         self.groups = plan.groups
         self.specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
         self.owners = [layout.owner for layout, _ in plan.groups]
         self.present = tuple(plan.present)
-        self.refs = [weakref.ref(t) for t in tensors]
+        self.refs = [weakref.ref(t) for t in own]
         self.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
         self.mask = mask
         # each [rows, C] buffer again from the first leaf of its layout (a view of it)
@@ -537,11 +536,11 @@ class _Hot:
             for row, (_, idx) in zip(bufs, plan.groups, strict=True)
         ]
 
-    def buffers(self, keys, tensors, own, mask) -> list | None:
+    def buffers(self, keys, own, mask) -> list | None:
         """Per layout ``(theta, v, h)`` as ``[rows, C]``, or ``None`` where anything moved."""
-        if mask != self.mask or keys != self.keys or len(tensors) != len(self.refs):
+        if mask != self.mask or keys != self.keys:
             return None
-        if any(r() is not t for r, t in zip(self.refs, tensors, strict=True)):
+        if any(r() is not t for r, t in zip(self.refs, own, strict=True)):
             return None
         where = zip(own, self.where, strict=True)
         if any((t.data_ptr(), t.stride(), t.shape) != w for t, w in where):

@@ -547,8 +547,9 @@ def test_in_place_step_reads_edited_leaves_and_state_not_remembered_buffers(
 
 
 def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compiled_inplace_step):
-    """The remembered plan holds no tensor alive, and is kept only when every leaf was a
-    view of a packed buffer (else the leaves are packed again at every call)."""
+    """The remembered plan holds no tensor alive, serves new hyperparameters (a schedule),
+    and is kept only when every leaf was a view of a packed buffer (else the leaves are
+    packed again at every call)."""
     import gc
 
     opt, _, params = compiled_opt_step
@@ -558,6 +559,9 @@ def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compil
     compiled_inplace_step(p, make_grads(params, 0), make_loss(n, 0, True), s)
     hot = compiled_inplace_step._hot
     assert hot is not None
+    s = s.with_hyperparams(lr=torch.full((n,), 0.1, dtype=torch.float64))
+    compiled_inplace_step(p, make_grads(params, 1), make_loss(n, 1, True), s)
+    assert compiled_inplace_step._hot is hot  # not planned again
     del p, s
     gc.collect()
     assert all(r() is None for r in hot.refs)
