@@ -432,7 +432,8 @@ class _EngineEnsembleStep:
         h_leaves = leaves(fields["h_prev"])
         if inplace:
             with torch.no_grad():
-                self._update(keys, (p_leaves, g_leaves, v_leaves, h_leaves), state, loss, n)
+                found = (p_leaves, g_leaves, v_leaves, h_leaves)
+                self._update(keys, found, state, (fields, hyper), loss, n)
             return params, state
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
@@ -462,7 +463,7 @@ class _EngineEnsembleStep:
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
-    def _update(self, keys, found, state, loss, n: int) -> None:
+    def _update(self, keys, found, state, read, loss, n: int) -> None:
         """The in-place step: the engine writes into the packed member buffers that the
         leaves of ``found`` (params, grads, v, h by key) are views of, or into packed
         copies whose results are then copied into the leaves. Where every leaf was a view,
@@ -470,8 +471,7 @@ class _EngineEnsembleStep:
         same leaves, the usual training loop (hyperparameter schedules included), skips the
         planning."""
         p_leaves, g_leaves, v_leaves, h_leaves = found
-        fields = state._tensordict._tensordict
-        hyper = fields["hyper"]._tensordict._tensordict
+        fields, hyper = read  # the state's fields and hyperparameters, as _step read them
         # the block state, step and hyperparameters are read from the state at every call
         own = [p_leaves[k] for k in keys] + [v_leaves[k] for k in keys]
         own += [h_leaves[k] for k in keys]
