@@ -215,6 +215,7 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
             fn,
             roots=lambda: [box["state"], opt],
             own=lambda: [*box["params"].values(True, True), *grads.values(True, True)],
+            extra={"door": step},
         )
     keys = list(params.keys(True, True))
     if method in (ENS_ADAM, ENS_ADAMW):

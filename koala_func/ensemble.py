@@ -24,6 +24,7 @@ A sweep is an ensemble whose members differ only in their hyperparameters: 16 le
 from __future__ import annotations
 
 import itertools
+import operator
 import types
 import warnings
 import weakref
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, is_tensorclass
 
+from koala_func._precompiled import Precompiled, signature
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
 from koala_func.engine.layout import pack_in_graph
@@ -398,7 +400,11 @@ class _EngineEnsembleStep:
             return opt._step(params, grads, loss, state, n_lead=1)
 
         kwargs = {"fullgraph": fullgraph, **compile_kwargs}
-        self._packed = torch.compile(_with_own_code(packed_step, "ensemble_step"), **kwargs)
+        fn = _with_own_code(packed_step, "ensemble_step")
+        self._packed = torch.compile(fn, **kwargs)
+        # In place, a call whose leaves matched the remembered plan skips Dynamo's guards too:
+        # the plan's check and a signature of the other inputs stand in for them.
+        self._fast = Precompiled(fn, self._packed, **kwargs) if fullgraph else None
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
@@ -449,7 +455,7 @@ class _EngineEnsembleStep:
                 (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
                 for (layout, _), sd in zip(plan.groups, dtypes, strict=True)
             ]
-            block_state, step = self._packed(
+            args = (
                 [tuple(b) for b in bufs],
                 specs,
                 # as [rows, C], the shape the update is computed in: inductor then writes each
@@ -459,6 +465,8 @@ class _EngineEnsembleStep:
                 owners,
                 *frame,
             )
+            tensors = [t for b in args[0] for t in b if isinstance(t, torch.Tensor)]
+            block_state, step = self._call(args, [t for o in args[2] for t in o], tensors)
             new = engine_views(plan, outs, 1)
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
@@ -490,23 +498,34 @@ class _EngineEnsembleStep:
             _in_place(layout, [g_leaves.get(keys[i]) for i in idx], layout.dtype)
             for layout, idx in hot.groups
         ]
-        self._packed(
-            [
-                (t, g if g is not None else layout.zeros(n, dtype=layout.dtype), v, h)
-                for (t, v, h), g, (layout, _) in zip(bufs, grads, hot.groups, strict=True)
-            ],
-            hot.specs,
-            None,
-            hot.owners,
-            hot.present,
-            tuple(blocks_in(state)),
-            fields["step"],
-            loss,
-            tuple(hyper[k] for k in _HYPER),
-        )
+        bufs = [
+            (t, g if g is not None else layout.zeros(n, dtype=layout.dtype), v, h)
+            for (t, v, h), g, (layout, _) in zip(bufs, grads, hot.groups, strict=True)
+        ]
+        blocks = tuple(blocks_in(state))
+        frame = (fields["step"], loss, tuple(hyper[k] for k in _HYPER))
+        args = (bufs, hot.specs, None, hot.owners, hot.present, blocks, *frame)
+        written = [t for b in bufs for t in (b[0], b[2], b[3])] + [*blocks, frame[0]]
+        key = (hot.signature, signature([b[1] for b in bufs]), signature((blocks, frame)))
+        grad_parts = [b[1] if isinstance(b[1], tuple) else (b[1],) for b in bufs]
+        self._call(args, written, [g for part in grad_parts for g in part if g is not None], key)
         for leaves_of, buf, layout in copies:  # leaves that were not packed views
             for t, view in zip(leaves_of, layout.views(buf), strict=True):
                 t.copy_(view)
+
+    def _call(self, args: tuple, written: list, read: Sequence, key=None):
+        """``self._packed(*args)``; through :class:`~koala_func._precompiled.Precompiled`
+        (no guard evaluation) where the tensors the graph writes have storages of their own,
+        apart from each other and from the tensors in ``read``: Dynamo guards on aliasing.
+        ``key``: the signature of ``args``, where the caller knows it."""
+        if self._fast is None:
+            return self._packed(*args)
+        storages = {t.untyped_storage().data_ptr() for t in written}
+        if len(storages) != len(written) or any(
+            t.untyped_storage().data_ptr() in storages for t in read
+        ):
+            return self._packed(*args)
+        return self._fast(signature(args) if key is None else key, *args)
 
 
 class _Hot:
@@ -526,6 +545,9 @@ class _Hot:
         self.refs = [weakref.ref(t) for t in own]
         self.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
         self.mask = mask
+        # what the compiled graph specializes on in these inputs (all but the gradients, the
+        # block state, the step, the loss and the hyperparameters, which the caller adds)
+        self.signature = signature((bufs, self.specs, self.owners, self.present))
         # each [rows, C] buffer again from the first leaf of its layout (a view of it)
         n = len(keys)
         self.geometry = [
@@ -536,14 +558,16 @@ class _Hot:
             for row, (_, idx) in zip(bufs, plan.groups, strict=True)
         ]
 
+    def alive(self) -> list:
+        return [r() for r in self.refs]
+
     def buffers(self, keys, own, mask) -> list | None:
         """Per layout ``(theta, v, h)`` as ``[rows, C]``, or ``None`` where anything moved."""
         if mask != self.mask or keys != self.keys:
             return None
-        if any(r() is not t for r, t in zip(self.refs, own, strict=True)):
+        if len(own) != len(self.refs) or not all(map(operator.is_, self.alive(), own)):
             return None
-        where = zip(own, self.where, strict=True)
-        if any((t.data_ptr(), t.stride(), t.shape) != w for t, w in where):
+        if [(t.data_ptr(), t.stride(), t.shape) for t in own] != self.where:
             return None
         return [tuple(own[j].as_strided(*g) for j, *g in row) for row in self.geometry]
 

@@ -200,8 +200,22 @@ def test_ensemble_profile_splits_a_call_into_kernel_guards_and_the_rest():
     renamed profiler event would leave them at 0) and its parts add up to the wall time."""
     from benchmarks import profile_ensemble
 
-    r = profile_ensemble.run(members=3, calls=3)
-    assert r["call"] > 0
-    assert 0 < r["kernel"] <= r["region"] < r["wall"]
-    assert r["guards"] > 0
-    assert abs(r["region"] + r["guards"] + r["outside"] - r["wall"]) < 1e-9
+    for guarded in (True, False):
+        r = profile_ensemble.run(members=3, calls=3, guarded=guarded)
+        assert r["call"] > 0
+        assert 0 < r["kernel"] <= r["region"] < r["wall"]
+        # by default the graph is called without Dynamo's guard check
+        assert (r["guards"] > 0) is guarded
+        assert abs(r["region"] + r["guards"] + r["outside"] - r["wall"]) < 1e-9
+
+
+def test_ensemble_guards_times_every_door_against_adam():
+    """ensemble_guards times each ensemble door with and without Dynamo's guard check next to
+    Adam, and its ratios are its times over Adam's."""
+    from benchmarks import ensemble_guards
+
+    (r,) = ensemble_guards.run(members=3, rounds=1, calls=3)
+    for name in ensemble_guards.CASES:
+        assert r[name] > 0 and r[f"x {name}"] > 0
+    assert r["x Adam"] == 1.0  # of the last rotation, whose Adam time is kept
+    assert abs(r["x functional"] - r["functional"] / r["Adam"]) < 1e-12

@@ -559,6 +559,8 @@ def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compil
     compiled_inplace_step(p, make_grads(params, 0), make_loss(n, 0, True), s)
     hot = compiled_inplace_step._hot
     assert hot is not None
+    fast = compiled_inplace_step._fast
+    assert not fast.available or fast.entries  # the graph is called without Dynamo's guards
     s = s.with_hyperparams(lr=torch.full((n,), 0.1, dtype=torch.float64))
     compiled_inplace_step(p, make_grads(params, 1), make_loss(n, 1, True), s)
     assert compiled_inplace_step._hot is hot  # not planned again
