@@ -52,19 +52,22 @@ def signature(x: Any) -> Hashable:
 def _global_state() -> Hashable | None:
     """The global state a graph depends on, or ``None`` where the signature cannot cover it
     (or where the user asked Dynamo for something else: ``set_stance``, ``config.disable``)."""
-    stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-    if getattr(stance, "stance", "default") != "default" or torch._dynamo.config.disable:
+    try:  # private hooks: a torch without one of them gets Dynamo's guards instead
+        stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+        if getattr(stance, "stance", "default") != "default" or torch._dynamo.config.disable:
+            return None
+        if torch._C._is_torch_function_mode_enabled():
+            return None
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return None
+        return (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.are_deterministic_algorithms_enabled(),
+            torch._C._is_any_autocast_enabled(),
+        )
+    except AttributeError:
         return None
-    if torch._C._is_torch_function_mode_enabled():
-        return None
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return None
-    return (
-        torch.is_grad_enabled(),
-        torch.is_inference_mode_enabled(),
-        torch.are_deterministic_algorithms_enabled(),
-        torch._C._is_any_autocast_enabled(),
-    )
 
 
 class Precompiled:
