@@ -402,8 +402,8 @@ class _EngineEnsembleStep:
         kwargs = {"fullgraph": fullgraph, **compile_kwargs}
         fn = _with_own_code(packed_step, "ensemble_step")
         self._packed = torch.compile(fn, **kwargs)
-        # In place, a call whose leaves matched the remembered plan skips Dynamo's guards too:
-        # the plan's check and a signature of the other inputs stand in for them.
+        # The graph is called without Dynamo's guards (see _call): a signature of its inputs
+        # stands in for them; in place, the remembered plan's check covers theta, v and h.
         self._fast = Precompiled(fn, self._packed, **kwargs) if fullgraph else None
         self._members = members
         self._kwargs = kwargs
