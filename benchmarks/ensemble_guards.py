@@ -14,7 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from benchmarks.harness import ENS, ENS_ADAM, ENS_INPLACE, _ensemble_case, time_interleaved
+from benchmarks.harness import (
+    ENS,
+    ENS_ADAM,
+    ENS_INPLACE,
+    _ensemble_case,
+    through_guards,
+    time_interleaved,
+)
 from koala_func.engine.layout import SPARE
 
 CASES = {
@@ -42,7 +49,7 @@ def run(members: int = 64, rounds: int = 3, calls: int = 200) -> list[dict[str, 
                 method, guarded = CASES[name]
                 case = _ensemble_case(method, members, 5e-4, "cpu")
                 if guarded:
-                    case.extra["door"]._fast = None
+                    through_guards(case)
                 for _ in range(10):  # compile, warm
                     case.fn()
                 fns[name] = case.fn

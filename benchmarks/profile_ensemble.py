@@ -21,7 +21,7 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness import ENS, ENS_INPLACE, _ensemble_case
+from benchmarks.harness import ENS, ENS_INPLACE, _ensemble_case, through_guards
 
 
 def run(
@@ -31,7 +31,7 @@ def run(
     and ``outside`` profiled (``guarded``: through Dynamo's guard check)."""
     case = _ensemble_case(ENS_INPLACE if inplace else ENS, members, 5e-4, "cpu")
     if guarded:
-        case.extra["door"]._fast = None
+        through_guards(case)
     for _ in range(30):  # compile, warm
         case.fn()
     rounds = []

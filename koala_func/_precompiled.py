@@ -93,10 +93,10 @@ class Precompiled:
     """
 
     def __init__(self, fn: Callable, fallback: Callable, **compile_kwargs: Any):
-        self.fn, self.fallback = fn, fallback
-        self.kwargs = {**compile_kwargs, "fullgraph": True}
+        self.fallback = fallback
+        self.compiler = torch.compile(fn, **{**compile_kwargs, "fullgraph": True})
         self.entries: dict[Hashable, Callable] = {}
-        self.available = hasattr(torch.compile(fn, **self.kwargs), "aot_compile")
+        self.available = hasattr(self.compiler, "aot_compile")
 
     def __call__(self, key: Hashable, *args: Any) -> Any:
         state = _global_state() if self.available else None
@@ -108,7 +108,7 @@ class Precompiled:
             if len(self.entries) >= MAX_ENTRIES:
                 return self.fallback(*args)
             try:
-                compiled = torch.compile(self.fn, **self.kwargs).aot_compile((args, {}))
+                compiled = self.compiler.aot_compile((args, {}))
             except Exception:  # this backend or torch cannot: guard as usual from now on
                 self.available = False
                 return self.fallback(*args)

@@ -507,8 +507,8 @@ class _EngineEnsembleStep:
         args = (bufs, hot.specs, None, hot.owners, hot.present, blocks, *frame)
         written = [t for b in bufs for t in (b[0], b[2], b[3])] + [*blocks, frame[0]]
         key = (hot.signature, signature([b[1] for b in bufs]), signature((blocks, frame)))
-        grad_parts = [b[1] if isinstance(b[1], tuple) else (b[1],) for b in bufs]
-        self._call(args, written, [g for part in grad_parts for g in part if g is not None], key)
+        read = [g for part in grads for g in (part if isinstance(part, tuple) else (part,))]
+        self._call(args, written, [g for g in read if g is not None], key)
         for leaves_of, buf, layout in copies:  # leaves that were not packed views
             for t, view in zip(leaves_of, layout.views(buf), strict=True):
                 t.copy_(view)
@@ -558,14 +558,12 @@ class _Hot:
             for row, (_, idx) in zip(bufs, plan.groups, strict=True)
         ]
 
-    def alive(self) -> list:
-        return [r() for r in self.refs]
-
     def buffers(self, keys, own, mask) -> list | None:
         """Per layout ``(theta, v, h)`` as ``[rows, C]``, or ``None`` where anything moved."""
         if mask != self.mask or keys != self.keys:
             return None
-        if len(own) != len(self.refs) or not all(map(operator.is_, self.alive(), own)):
+        alive = [r() for r in self.refs]
+        if len(own) != len(alive) or not all(map(operator.is_, alive, own)):
             return None
         if [(t.data_ptr(), t.stride(), t.shape) for t in own] != self.where:
             return None
