@@ -220,7 +220,7 @@ def _ensemble_case(method, members, wd, device, sizes=ENSEMBLE_SIZES) -> Case:
             method,
             STEP,
             fn,
-            roots=lambda: [box["state"], opt],
+            roots=lambda: [box["state"], opt, step],  # the step keeps a gradient buffer
             own=lambda: [*box["params"].values(True, True), *grads.values(True, True)],
             extra={"door": step},
         )

@@ -427,7 +427,8 @@ def markdown(res, command: str) -> str:
         "- *first call s*: the first call in this process (compiles and builds buffers; the "
         "inductor cache may be warm). Cold compile times are in their own table.",
         "- *state MB*: the bytes of the distinct storages reachable from the optimizer object "
-        "(`opt.state`, its attributes, the functional state, and the spare packed buffers "
+        "(`opt.state`, its attributes, the functional state, the ensemble step object (its "
+        "packed gradient buffer), and the spare packed buffers "
         "that the case added to the CPU pool `koala_func.engine.layout.SPARE`) that are not a "
         "parameter's or a gradient's storage, so a flat buffer that the parameters are views "
         "of is not counted; tensors held only inside compiled functions are missed.",

@@ -419,16 +419,18 @@ def engine_buffers(
     h: list[torch.Tensor],
     n_lead: int,
     packed: Packed | None = None,
+    packed_grads: Packed | None = None,
 ) -> list[Buffers]:
     """Per layout, the :class:`~koala_func.engine.Buffers` of the step: ``packed(layout,
     tensors, dtype)`` may return an existing buffer that ``tensors`` are views of (the
-    ensemble door); otherwise the tensors are packed (a missing gradient is zeros)."""
+    ensemble door), and ``packed_grads`` (default ``packed``) does so for the gradients;
+    otherwise the tensors are packed (a missing gradient is zeros)."""
     bufs = []
     for layout, idx in plan.groups:
         sd = opt.state_dtype or layout.dtype
         lead = plan.params[idx[0]].shape[:n_lead]
 
-        def pk(items, dtype, layout=layout, idx=idx, lead=lead):
+        def pk(items, dtype, layout=layout, idx=idx, lead=lead, packed=packed):
             chosen = [items[i] for i in idx]
             found = packed(layout, chosen, dtype) if packed is not None else None
             if found is not None:
@@ -437,11 +439,8 @@ def engine_buffers(
                 return layout.zeros(*lead, dtype=dtype)
             return layout.pack(chosen, dtype, n_lead)
 
-        bufs.append(
-            Buffers(
-                pk(plan.params, layout.dtype), pk(plan.grads, layout.dtype), pk(v, sd), pk(h, sd)
-            )
-        )
+        g = pk(plan.grads, layout.dtype, packed=packed_grads or packed)
+        bufs.append(Buffers(pk(plan.params, layout.dtype), g, pk(v, sd), pk(h, sd)))
     return bufs
 
 

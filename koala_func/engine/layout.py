@@ -224,7 +224,8 @@ def _pack_vmap(info, in_dims, tensors, starts, zero_ranges, n_chunks, chunk, n_l
 torch.library.register_vmap("koala_func::pack", _pack_vmap)
 
 
-#: The ensemble door packs the inputs of a layout of at most this many tensors, of at most
+#: The ensemble door packs the parameters and state of a layout of at most this many tensors (its
+#: gradients go into a buffer the step keeps: see ``koala_func.ensemble``), of at most
 #: :data:`FUSED_PACK_NUMEL` elements in all, inside its compiled graph by graph ops
 #: (:func:`pack_in_graph`): inductor writes the packed buffer in the same kernel call that
 #: reads it, where an eager pack is one more launch before the graph runs. On CPU the packed
