@@ -441,7 +441,7 @@ class _EngineEnsembleStep:
         if inplace:
             with torch.no_grad():
                 found = (p_leaves, g_leaves, v_leaves, h_leaves)
-                self._update(keys, found, state, (fields, hyper), loss, n)
+                self._update(keys, found, (fields, hyper), loss, n)
             return params, state
         with torch.no_grad():
             plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
@@ -449,7 +449,7 @@ class _EngineEnsembleStep:
             h = [h_leaves[k] for k in keys]
             specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
             owners = [layout.owner for layout, _ in plan.groups]
-            frame = (tuple(plan.present), tuple(blocks_in(state)), fields["step"], loss)
+            frame = (tuple(plan.present), tuple(blocks_in(fields)), fields["step"], loss)
             frame = (*frame, tuple(hyper[k] for k in _HYPER))
             bufs = engine_buffers(opt, plan, v, h, 1, _in_place, self._packed_grads)
             dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
@@ -473,7 +473,7 @@ class _EngineEnsembleStep:
         v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
         return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
-    def _update(self, keys, found, state, read, loss, n: int) -> None:
+    def _update(self, keys, found, read, loss, n: int) -> None:
         """The in-place step: the engine writes into the packed member buffers that the
         leaves of ``found`` (params, grads, v, h by key) are views of, or into packed
         copies whose results are then copied into the leaves. Where every leaf was a view,
@@ -504,7 +504,7 @@ class _EngineEnsembleStep:
             (t, g if g is not None else layout.zeros(n, dtype=layout.dtype), v, h)
             for (t, v, h), g, (layout, _) in zip(bufs, grads, hot.groups, strict=True)
         ]
-        blocks = tuple(blocks_in(state))
+        blocks = tuple(blocks_in(fields))
         frame = (fields["step"], loss, tuple(hyper[k] for k in _HYPER))
         args = (bufs, hot.specs, None, hot.owners, hot.present, blocks, *frame)
         written = [t for b in bufs for t in (b[0], b[2], b[3])] + [*blocks, frame[0]]
@@ -652,6 +652,8 @@ def _rows(buf: torch.Tensor) -> torch.Tensor:
 
 def _is_lazy(x) -> bool:
     """Whether ``x`` is a lazy stack, or a TensorClass over one (its leaves are copies)."""
+    if type(x) is TensorDict:  # the usual case, first: this runs at every call
+        return False
     return isinstance(x, LazyStackedTensorDict) or (
         is_tensorclass(x) and type(x._tensordict) is not TensorDict
     )

@@ -530,9 +530,15 @@ def blocks_out(u: BlockUpdate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return u.s, u.count, u.skipped, u.r.squeeze(-1)
 
 
-def blocks_in(state: KoalaPPState) -> Blocks:
-    """The stored per-block state as the engine takes it."""
-    return Blocks(state.s, state.count, state.skipped, state.r_est.unsqueeze(-1))
+def blocks_in(state: KoalaPPState | dict) -> Blocks:
+    """The stored per-block state as the engine takes it (``state``: a state, or the dict of
+    its fields, which an eager door reads directly: a TensorClass attribute costs
+    microseconds)."""
+    if isinstance(state, dict):
+        s, count, skipped, r_est = (state[k] for k in ("s", "count", "skipped", "r_est"))
+    else:
+        s, count, skipped, r_est = state.s, state.count, state.skipped, state.r_est
+    return Blocks(s, count, skipped, r_est.unsqueeze(-1))
 
 
 def engine_leaves(
