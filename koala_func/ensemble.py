@@ -684,10 +684,10 @@ def _as_given(params, new_params):
 
 
 def _in_place(layout, tensors, dtype):
-    """The packed member buffer ``tensors`` are views of; else, for a small layout
-    (``Layout.fuses_pack``), the tensors as a tuple, which the compiled graph packs fused into
-    its kernels (no packed copy); else a packed copy into a spare buffer (``None``: all
-    missing, ``engine_buffers`` zeros them)."""
+    """The packed member buffer that ``tensors`` (a layout's parameters, ``v`` or ``h``) are
+    views of; else, for a small layout (``Layout.fuses_pack``), the tensors as a tuple, which
+    the compiled graph packs fused into its kernels (no packed copy); else a packed copy into a
+    spare buffer. The gradients go through ``_EngineEnsembleStep._packed_grads`` instead."""
     base = layout.packed_base(tensors, 1, dtype)
     if base is not None:
         return base
