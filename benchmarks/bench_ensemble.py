@@ -2,11 +2,12 @@
 
 Two groups, each timed interleaved in one run (medians; the machine is shared, trust ratios):
 
-- optimizer step only: the one-call compiled ensemble step (``ensemble_step(opt)``, i.e.
-  ``torch.compile(torch.vmap(opt.step))``) and its eager vmap, against a loop of E eager
-  single-model ``opt.step`` calls and a loop of E calls of the compiled single-model step;
+- optimizer step only: the one-call ensemble step (``ensemble_step(opt)``: the engine with a
+  member dimension, compiled) and ``ensemble_step(opt, compile=False)`` (the reference step
+  under ``torch.vmap``, eager), against a loop of E eager single-model ``opt.step`` calls and a
+  loop of E calls of ``torch.compile(opt.step)``;
 - whole training step (forward, gradient, KOALA++ step): ``ensemble_train_step`` compiled and
-  eager, against loops of E eager and E compiled single-model training steps.
+  with ``compile=False``, against loops of E eager and E compiled single-model training steps.
 
 The one-call step against fused Adam (issue 10's ensemble targets) is in
 ``python -m benchmarks.report``; this script compares KOALA++ with itself: one call against loops.
@@ -36,6 +37,9 @@ from koala_func import (
     stack_params,
     value_and_grad,
 )
+
+ONE_CALL = "one call, compiled"
+EAGER = "one call, compile=False (eager vmap)"
 
 
 def mlp(sizes: tuple[int, ...]) -> torch.nn.Sequential:
@@ -105,8 +109,8 @@ def build_cases(
         return f
 
     step_cases = {
-        "one call, compiled vmap": lambda: one_call(params, grads, losses, state),
-        "one call, eager vmap": lambda: one_call_eager(params, grads, losses, state),
+        ONE_CALL: lambda: one_call(params, grads, losses, state),
+        EAGER: lambda: one_call_eager(params, grads, losses, state),
         f"loop of {members} eager steps": loop(opt.step),
         f"loop of {members} compiled steps": loop(single_compiled),
     }
@@ -128,8 +132,8 @@ def build_cases(
         return f
 
     train_cases = {
-        "one call, compiled vmap": lambda: train(params, state, x, y),
-        "one call, eager vmap": lambda: train_eager(params, state, x, y),
+        ONE_CALL: lambda: train(params, state, x, y),
+        EAGER: lambda: train_eager(params, state, x, y),
         f"loop of {members} eager steps": train_loop(member_train),
         f"loop of {members} compiled steps": train_loop(member_train_compiled),
     }
@@ -156,7 +160,7 @@ def table(result: dict) -> str:
     lines = []
     for group in ("optimizer_step", "training_step"):
         times = result[group]
-        base = times["one call, compiled vmap"]
+        base = times[ONE_CALL]
 
         lines += [
             f"\n{group.replace('_', ' ')} (E={result['members']}, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_ensemble import build_cases
+from benchmarks.bench_ensemble import EAGER, ONE_CALL, build_cases
 
 MEMBERS = 64
 
@@ -21,8 +21,8 @@ def cases():
 
 
 NAMES = (
-    "one call, compiled vmap",
-    "one call, eager vmap",
+    ONE_CALL,
+    EAGER,
     f"loop of {MEMBERS} eager steps",
     f"loop of {MEMBERS} compiled steps",
 )

@@ -11,6 +11,15 @@ traffic, and a copy (reads one, writes one). Two rows split reads from writes: p
 its write of ``h_prev`` (the engine's ``_updated``, two of its three results stored), and a
 compiled sum that reads seven arrays and writes none, the step's reads alone. A ratio is the
 median over rounds of the per-round ratio to ``Adam(fused=True)``.
+
+    python benchmarks/bench_passes.py --reuse
+
+What a second read from cache saves: pass 2 over buffers of 0.26M to 4.2M floats, after a write
+of 64 MiB (its four inputs come from memory), right after pass 1 over the same buffers (the
+step's order: pass 1 has just read ``g, h_prev, v``), and right after itself (all four warm).
+Splitting the step into layouts small enough for the cache could at best turn the first time
+into the second; :func:`split` times what the split itself costs: both passes over 4.2M floats
+as 1 to 16 compiled calls.
 """
 
 from __future__ import annotations
@@ -133,7 +142,91 @@ def run(reps: int = REPS, shapes: list[tuple[int, ...]] | None = None) -> dict:
     return {"shape": shape, "reps": reps, "ms": ms, "x_adam": x_adam, "traffic": TRAFFIC}
 
 
-def main() -> None:
+FLUSHED, AFTER_PASS1, WARM = "after 64 MiB written", "right after pass 1", "right after itself"
+
+
+def reuse(rows_list=(128, 512, 2048), reps: int = REPS, chunk: int = 2048) -> list[dict]:
+    """Per buffer size (``rows`` of ``chunk`` floats), the median ms of pass 2 in the three
+    situations of the module docstring, and each over the first."""
+    pass1, pass2 = torch.compile(_pass1, fullgraph=True), torch.compile(_pass2, fullgraph=True)
+    flush = torch.empty(16 << 20)  # 64 MiB, larger than the last-level cache here
+    out = []
+    for rows in rows_list:
+        gen = torch.Generator().manual_seed(0)
+        bufs = [torch.randn(rows, chunk, generator=gen) * 0.05 for _ in range(4)]
+        cf = torch.tensor([0.9, 0.05, 0.01, 1e-3, 1e-3, 1.0]).expand(rows, 6).contiguous()
+        for _ in range(2):  # compile, warm
+            pass1(*bufs)
+            pass2(*bufs, cf)
+        times: dict[str, list[float]] = {FLUSHED: [], AFTER_PASS1: [], WARM: []}
+        for _ in range(reps):
+            for name in times:
+                if name == FLUSHED:
+                    flush.add_(1.0)
+                elif name == AFTER_PASS1:
+                    flush.add_(1.0)
+                    pass1(*bufs)
+                t = time.perf_counter()
+                pass2(*bufs, cf)
+                times[name].append(time.perf_counter() - t)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        row = {"floats": rows * chunk, **ms}
+        row |= {f"x {k}": ms[k] / ms[FLUSHED] for k in ms}
+        out.append(row)
+    return out
+
+
+def _segment_step(theta, g, v, h):
+    """Both passes over one segment of rows, one block: pass 1, coefficients from its sums
+    (bounded, so that repeated calls stay finite), pass 2."""
+    s = _pass1(theta, g, v, h).sum(-2, keepdim=True)
+    k = 1.0 / (1.0 + s[..., 0] + s[..., 3].abs())
+    one = torch.ones_like(k)
+    cf = torch.stack([0.9 * one, 0.05 * k, 0.01 * k, 1e-3 * k, 1e-3 * k, one], -1)
+    _pass2(theta, g, v, h, cf.expand(theta.shape[0], 6))
+
+
+def split(rows: int = 2048, parts=(1, 2, 4, 8, 16), reps: int = REPS, chunk: int = 2048) -> dict:
+    """Median ms of both passes over ``rows`` rows of ``chunk`` floats as ``k`` compiled calls
+    over ``rows / k`` rows each, for ``k`` in ``parts``, interleaved, each after 64 MiB written;
+    and each over one call."""
+    step = torch.compile(_segment_step, fullgraph=True, dynamic=False)
+    gen = torch.Generator().manual_seed(0)
+    bufs = [torch.randn(rows, chunk, generator=gen) * 0.01 for _ in range(4)]
+    flush = torch.empty(16 << 20)
+    calls = {}
+    for k in parts:
+        n = rows // k
+        segments = [tuple(b[i : i + n] for b in bufs) for i in range(0, rows, n)]
+        calls[k] = lambda segments=segments: [step(*seg) for seg in segments]
+        calls[k]()  # compile (one graph per segment size), warm
+        calls[k]()
+    times: dict[int, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, fn in calls.items():
+            flush.add_(1.0)
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"floats": rows * chunk, "ms": ms, "x_one": {k: ms[k] / ms[parts[0]] for k in ms}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    if "--reuse" in (sys.argv[1:] if argv is None else argv):
+        print(f"pass 2, median of {REPS} rounds, {torch.get_num_threads()} threads")
+        for r in reuse():
+            cells = ", ".join(
+                f"{k} {r[k]:.3f} ms ({r['x ' + k]:.2f})" for k in (FLUSHED, AFTER_PASS1, WARM)
+            )
+            print(f"{r['floats'] / 1e6:5.2f}M floats: {cells}")
+        sp = split()
+        print(f"both passes over {sp['floats'] / 1e6:.2f}M floats, after 64 MiB written:")
+        for k, ms in sp["ms"].items():
+            print(f"  {k:2d} compiled calls: {ms:.3f} ms ({sp['x_one'][k]:.2f})")
+        return
     res = run()
     print(
         f"median of {res['reps']} interleaved rounds, {torch.get_num_threads()} threads, "

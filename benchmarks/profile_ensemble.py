@@ -11,6 +11,16 @@ The one-call ``ensemble_step`` of the report's ensemble table, timed back to bac
 5 x 200 calls), then under ``torch.profiler`` over 50 calls. *outside* is the profiled wall
 time not spent in the compiled region or the guard check: the Python that takes the
 TensorDicts apart and builds the results, plus the profiler's own cost.
+
+    python -m benchmarks.profile_ensemble --rotation  # the in-place call taken apart
+
+``--rotation`` times the in-place door and what it is made of, each in the report's rotation
+(its four ensemble cases interleaved, odd rounds reversed) in the door's place: its compiled
+call alone, called with the arguments of the door's last call (the kernel and the wrappers of
+torch's compiled code, none of our Python), and that call after the refill of the step's
+packed gradient buffer from the same gradients (everything but our Python). What runs before
+a call moves its time, so each runs between the same neighbours; the three rotations take
+turns. Each time is also given over stacked ``Adam(fused=True)`` of its own rotation.
 """
 
 from __future__ import annotations
@@ -21,7 +31,20 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness import ENS, ENS_INPLACE, _ensemble_case, through_guards
+from benchmarks.harness import (
+    ENS,
+    ENS_ADAM,
+    ENS_INPLACE,
+    ENS_LOOP,
+    STEP,
+    _ensemble_case,
+    build_case,
+    through_guards,
+    time_interleaved,
+)
+
+CALL = "its compiled call alone"
+REFILL = "gradient refill + compiled call"
 
 
 def run(
@@ -64,12 +87,80 @@ def run(
     }
 
 
+def rotation(members: int = 64, rounds: int = 300, turns: int = 3) -> dict[str, float]:
+    """Median ms of the in-place door, of its parts (:data:`CALL`, :data:`REFILL`) and of
+    the report's other ensemble cases, and ``"x " + name``: the median over rounds of the
+    ratio to stacked ``Adam`` in the same rotation (see the module docstring). ``turns``:
+    how many times each rotation runs, ``rounds`` rounds each."""
+    cases = {
+        m: build_case(m, STEP, None, 5e-4, members=members)
+        for m in (ENS, ENS_INPLACE, ENS_ADAM, ENS_LOOP)
+    }
+    door = cases[ENS_INPLACE].extra["door"]
+    seen: dict[str, tuple] = {}
+    call, packed_grads = door._call, door._packed_grads
+
+    def record_call(args, written, read, key=None):
+        seen["call"] = (args, key)
+        return call(args, written, read, key)
+
+    def record_grads(layout, tensors, dtype, members):
+        seen["grads"] = (door._grads, tensors)
+        return packed_grads(layout, tensors, dtype, members)
+
+    door._call, door._packed_grads = record_call, record_grads
+    cases[ENS_INPLACE].fn()
+    del door._call, door._packed_grads  # the instance attributes: back to the methods
+    args, key = seen["call"]
+    kept, tensors = seen["grads"]
+    (buf,) = kept.values()  # one layout, one thread
+
+    def compiled() -> None:
+        if door._fast is not None:
+            door._fast(key, *args)
+        else:
+            door._packed(*args)
+
+    def refilled() -> None:
+        buf.fill(tensors)
+        compiled()
+
+    subjects = {ENS_INPLACE: cases[ENS_INPLACE].fn, REFILL: refilled, CALL: compiled}
+    times: dict[str, list[float]] = {}
+    ratios: dict[str, list[float]] = {}
+    for _ in range(turns):
+        for name, fn in subjects.items():
+            fns = {ENS: cases[ENS].fn, name: fn, ENS_ADAM: cases[ENS_ADAM].fn}
+            fns[ENS_LOOP] = cases[ENS_LOOP].fn
+            fn()
+            got = time_interleaved(fns, rounds)
+            for k, v in got.items():
+                times.setdefault(k, []).extend(v)
+                per = [a / b for a, b in zip(v, got[ENS_ADAM], strict=True)]
+                ratios.setdefault(k, []).extend(per)
+    out = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    out |= {f"x {k}": statistics.median(v) for k, v in ratios.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=64)
     ap.add_argument("--inplace", action="store_true", help="ensemble_step(opt, inplace=True)")
     ap.add_argument("--guarded", action="store_true", help="through Dynamo's guard check")
+    ap.add_argument("--rotation", action="store_true", help="the in-place call taken apart")
+    ap.add_argument("--rounds", type=int, default=300, help="rounds of each --rotation turn")
+    ap.add_argument("--turns", type=int, default=3, help="turns of each --rotation")
     args = ap.parse_args(argv)
+    if args.rotation:
+        r = rotation(args.members, args.rounds, args.turns)
+        print(
+            f"E={args.members}, {args.turns} turns of {args.rounds} interleaved rounds each "
+            f"(ms, x {ENS_ADAM}):"
+        )
+        for k in (ENS_INPLACE, REFILL, CALL, ENS, ENS_ADAM, ENS_LOOP):
+            print(f"  {k:50s} {r[k]:7.3f}  {r['x ' + k]:5.2f}x")
+        return
     r = run(args.members, inplace=args.inplace, guarded=args.guarded)
     door = "in place" if args.inplace else "functional"
     door += ", guarded" if args.guarded else ""

@@ -128,6 +128,8 @@ def measure(args, log=print) -> dict:
 
         log("[passes] what bounds the step")
         out["passes"] = bench_passes.run(reps=20)
+        out["passes"]["reuse"] = bench_passes.reuse(reps=20)
+        out["passes"]["split"] = bench_passes.split(reps=20)
     out["minutes"] = (time.perf_counter() - started) / 60
     out["targets"] = targets(out)
     out["readme_figures"] = readme_figures(out)
@@ -605,6 +607,47 @@ def passes_section(res) -> list[str]:
         ),
         "",
     ]
+    L += reuse_section(p.get("reuse"), p.get("split"))
+    return L
+
+
+def reuse_section(rows, split=None) -> list[str]:
+    """What a second read from cache saves (``bench_passes.reuse``), where measured."""
+    if not rows:
+        return []
+    from .bench_passes import AFTER_PASS1, FLUSHED, WARM
+
+    L = [
+        "Could the second read come from the cache? A step over layouts small enough for it "
+        "(the step split into groups of blocks) would read each group's `g, h_prev, v` again "
+        "right after its pass 1. `python benchmarks/bench_passes.py --reuse` in this run: pass "
+        f"2 alone over buffers of {rows[0]['floats'] / 1e6:.2f}M to "
+        f"{rows[-1]['floats'] / 1e6:.2f}M floats, after 64 MiB were written (its inputs come "
+        "from memory), right after pass 1 over the same buffers, and right after itself (all "
+        "four inputs warm); median ms, and over the first column.",
+        "",
+        f"| floats | {FLUSHED} | {AFTER_PASS1} | {WARM} |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[k]:.3f} ({r['x ' + k]:.2f})" for k in (FLUSHED, AFTER_PASS1, WARM))
+        L.append(f"| {r['floats'] / 1e6:.2f}M | {cells} |")
+    after = [r[f"x {AFTER_PASS1}"] for r in rows]
+    L += [
+        "",
+        f"Right after pass 1, pass 2 took {min(after):.2f}-{max(after):.2f} of its time from "
+        "memory: reading from the cache saves little on this machine.",
+    ]
+    if split:
+        ks = [k for k in split["ms"] if k != 1]
+        cells = ", ".join(f"{k} calls {split['x_one'][k]:.2f}" for k in ks)
+        L[-1] += (
+            " And the split itself costs: both passes over "
+            f"{split['floats'] / 1e6:.2f}M floats as several compiled calls over row segments, "
+            f"each after 64 MiB were written, took, over one call ({split['ms'][1]:.2f} ms): "
+            f"{cells}."
+        )
+    L += ["", "The step stays one graph over whole layouts.", ""]
     return L
 
 

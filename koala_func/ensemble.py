@@ -23,6 +23,7 @@ A sweep is an ensemble whose members differ only in their hyperparameters: 16 le
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import threading
@@ -451,7 +452,8 @@ class _EngineEnsembleStep:
             owners = [layout.owner for layout, _ in plan.groups]
             frame = (tuple(plan.present), tuple(blocks_in(fields)), fields["step"], loss)
             frame = (*frame, tuple(hyper[k] for k in _HYPER))
-            bufs = engine_buffers(opt, plan, v, h, 1, _in_place, self._packed_grads)
+            grads_of = functools.partial(self._packed_grads, members=n)
+            bufs = engine_buffers(opt, plan, v, h, 1, _in_place, grads_of)
             dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
             outs = [
                 (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
@@ -497,13 +499,10 @@ class _EngineEnsembleStep:
         else:
             copies = []
         grads = [
-            self._packed_grads(layout, [g_leaves.get(keys[i]) for i in idx], layout.dtype)
+            self._packed_grads(layout, [g_leaves.get(keys[i]) for i in idx], layout.dtype, n)
             for layout, idx in hot.groups
         ]
-        bufs = [
-            (t, g if g is not None else layout.zeros(n, dtype=layout.dtype), v, h)
-            for (t, v, h), g, (layout, _) in zip(bufs, grads, hot.groups, strict=True)
-        ]
+        bufs = [(t, g, v, h) for (t, v, h), g in zip(bufs, grads, strict=True)]
         blocks = tuple(blocks_in(fields))
         frame = (fields["step"], loss, tuple(hyper[k] for k in _HYPER))
         args = (bufs, hot.specs, None, hot.owners, hot.present, blocks, *frame)
@@ -514,26 +513,25 @@ class _EngineEnsembleStep:
             for t, view in zip(leaves_of, layout.views(buf), strict=True):
                 t.copy_(view)
 
-    def _packed_grads(self, layout, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
-        """A layout's gradients (``None`` where missing) as a packed buffer: the buffer they
-        are views of, else this step's own gradient buffer for the layout, refilled by one
-        copy (``None``: all missing, zeros). One buffer per thread, kept for the next call:
-        a gradient packed inside the graph is a new buffer that inductor allocates on every
+    def _packed_grads(
+        self, layout, tensors: list, dtype: torch.dtype, members: int
+    ) -> torch.Tensor:
+        """A layout's gradients (``None`` where missing: zeros) of ``members`` members as a
+        packed buffer: the buffer they are views of, else this step's own gradient buffer for
+        the layout, refilled by one copy. One buffer per thread, kept for the next call: a
+        gradient packed inside the graph, or a buffer of zeros, is a new buffer on every
         call, and on CPU the allocator often returns a freed buffer of this size (2.5 MB for
         the report's E=64 MLP) to the OS, so that the next call pays a page fault per 4 KiB
         (0.2-0.3 ms of a 0.7 ms step on this project's machine)."""
         base = layout.packed_base(tensors, 1, dtype)
         if base is not None:
             return base
-        first = next((t for t in tensors if t is not None), None)
-        if first is None:
-            return None
-        key = (threading.get_ident(), layout, first.shape[0], dtype)
+        key = (threading.get_ident(), layout, members, dtype)
         buf = self._grads.get(key)
         if buf is None:
             if len(self._grads) >= _GRAD_BUFFERS:  # other models or threads: start afresh
                 self._grads.clear()
-            buf = self._grads[key] = _GradBuffer(layout, first.shape[0], dtype)
+            buf = self._grads[key] = _GradBuffer(layout, members, dtype)
         return buf.fill(tensors)
 
     def _call(self, args: tuple, written: list, read: Sequence, key=None):
@@ -578,7 +576,8 @@ class _GradBuffer:
             self.filled[i] = t is not None
         if stale:
             torch._foreach_zero_(stale)
-        torch._foreach_copy_(dst, src)
+        if dst:
+            torch._foreach_copy_(dst, src)
         return self.buf
 
 

@@ -195,6 +195,31 @@ def test_pass_breakdown_times_the_engines_passes():
     assert report.passes_section({}) == []
 
 
+def test_pass_reuse_times_pass_2_in_three_cache_states():
+    """bench_passes.reuse times pass 2 after a flush, after pass 1 and warm, per buffer size,
+    with ratios to the flushed time, and the report renders every cell of it."""
+    from benchmarks import bench_passes
+
+    rows = bench_passes.reuse(rows_list=(2, 4), reps=2, chunk=16)
+    assert [r["floats"] for r in rows] == [32, 64]
+    cases = (bench_passes.FLUSHED, bench_passes.AFTER_PASS1, bench_passes.WARM)
+    for r in rows:
+        assert all(r[k] > 0 for k in cases)
+        assert r[f"x {bench_passes.FLUSHED}"] == 1.0
+        assert abs(r[f"x {bench_passes.WARM}"] - r[bench_passes.WARM] / r[cases[0]]) < 1e-12
+    lines = report.reuse_section(rows)
+    table = [line for line in lines if line.startswith("| 0.00M |")]
+    assert len(table) == len(rows)
+    for r, row in zip(rows, table, strict=True):
+        for k in cases:
+            assert f"{r[k]:.3f} ({r['x ' + k]:.2f})" in row
+    assert report.reuse_section(None) == []
+    sp = bench_passes.split(rows=4, parts=(1, 2), reps=2, chunk=16)
+    assert sp["floats"] == 64 and sp["x_one"][1] == 1.0 and all(v > 0 for v in sp["ms"].values())
+    prose = " ".join(report.reuse_section(rows, sp))
+    assert f"2 calls {sp['x_one'][2]:.2f}" in prose and f"({sp['ms'][1]:.2f} ms)" in prose
+
+
 def test_ensemble_profile_splits_a_call_into_kernel_guards_and_the_rest():
     """profile_ensemble finds the compiled kernel and the guard check in the profile (a
     renamed profiler event would leave them at 0) and its parts add up to the wall time."""
@@ -207,6 +232,18 @@ def test_ensemble_profile_splits_a_call_into_kernel_guards_and_the_rest():
         # by default the graph is called without Dynamo's guard check
         assert (r["guards"] > 0) is guarded
         assert abs(r["region"] + r["guards"] + r["outside"] - r["wall"]) < 1e-9
+
+
+def test_ensemble_rotation_takes_the_in_place_call_apart():
+    """profile_ensemble --rotation times the door's own compiled call and the refill plus that
+    call next to the report's cases, and its ratios are per-round ratios to stacked Adam."""
+    from benchmarks import harness, profile_ensemble
+
+    r = profile_ensemble.rotation(members=3, rounds=2, turns=1)
+    names = (harness.ENS, harness.ENS_INPLACE, harness.ENS_ADAM, harness.ENS_LOOP)
+    for name in (*names, profile_ensemble.CALL, profile_ensemble.REFILL):
+        assert r[name] > 0 and r[f"x {name}"] > 0
+    assert r[f"x {harness.ENS_ADAM}"] == 1.0
 
 
 def test_ensemble_guards_times_every_door_against_adam():

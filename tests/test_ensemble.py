@@ -591,6 +591,23 @@ def test_gradient_buffer_refills_and_zeroes_what_went_missing():
     assert torch.equal(packed, layout.pack(g, torch.float64, 1))
 
 
+def test_layout_without_gradients_gets_the_kept_buffer_of_zeros(compiled_inplace_step):
+    """A layout none of whose tensors has a gradient is read from the step's kept buffer,
+    zeros, not from a new buffer of zeros at every call (on CPU, a fresh mapping that pays a
+    page fault per 4 KiB); values a previous call copied in are zeroed."""
+    from koala_func.engine import Layout
+
+    door = compiled_inplace_step
+    layout = Layout([(2, 3), (5,)], torch.float64, "cpu", chunk_size=4)
+    first = door._packed_grads(layout, [None, None], torch.float64, 3)
+    assert first.shape == (3, *layout.zeros().shape) and not first.any()
+    g = [torch.randn(3, 2, 3, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)]
+    assert door._packed_grads(layout, g, torch.float64, 3) is first
+    assert torch.equal(first, layout.pack(g, torch.float64, 1))
+    again = door._packed_grads(layout, [None, None], torch.float64, 3)
+    assert again is first and not again.any()
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_compiled_steps_with_a_gradient_missing_then_back(
     compiled_opt_step, compiled_inplace_step, inplace
