@@ -25,6 +25,7 @@ as 1 to 16 compiled calls.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
@@ -213,8 +214,6 @@ def split(rows: int = 2048, parts=(1, 2, 4, 8, 16), reps: int = REPS, chunk: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     if "--reuse" in (sys.argv[1:] if argv is None else argv):
         print(f"pass 2, median of {REPS} rounds, {torch.get_num_threads()} threads")
         for r in reuse():
