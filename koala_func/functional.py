@@ -6,8 +6,9 @@ leaves passed through). Which implementation runs:
 - eagerly, the readable reference (:func:`koala_func.reference.reference_step`), exact;
 - inside ``torch.compile`` (``torch.compile(opt.step, fullgraph=True)``), the engine
   (:mod:`koala_func.engine`), and the results come back as views of packed buffers. Compiled
-  as a function of its own, ``step`` takes the TensorDicts apart and packs the leaves eagerly,
-  and only the engine on the packed buffers is traced (see ``_engine_frame``): its graph,
+  as a function of its own, ``step`` takes the TensorDicts apart and packs the leaves eagerly
+  (leaves that are views of a previous step's results are read where they are), and only the
+  engine on the packed buffers is traced (see ``_engine_frame``): its graph,
   guards and compile time do not grow with the number of tensors. Traced inside a user's
   compiled function, all of it is, the tensors packed by one opaque op per buffer.
   Differentiable optimizers keep the reference (the packing op has no autograd formula);
@@ -191,13 +192,13 @@ class KoalaPPTransform:
                 # _engine_frame (tensors in, tensors out) is traced and compiled.
                 found = _engine_inputs(self, params, grads, loss, state)
                 if found is not None:
-                    plan, bufs, frame = found
+                    plan, bufs, outs, frame = found
                     # Static shapes: _engine_frame is one code object for every model, and
                     # Dynamo would make a size dynamic on seeing a buffer again with another
                     # size (a second model in the process), which the layout cannot take.
                     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                        blocks, step = _engine_frame(self, bufs, *frame)
-                    return _frame_outputs(params, state, plan, bufs, blocks, step)
+                        blocks, step = _engine_frame(self, bufs, outs, *frame)
+                    return _frame_outputs(params, state, plan, outs, blocks, step)
         return self._step(params, grads, loss, state, n_lead=0)
 
     def _checked_leaves(self, params, grads, loss, state, n_lead: int):
@@ -253,9 +254,11 @@ class KoalaPPTransform:
 
 
 def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
-    """What :func:`_engine_frame` takes, built eagerly (the checks of ``_step``, and one pack
-    per buffer into this step's own copies), or ``None`` when ``params`` has no
-    floating-point leaf: ``(plan, buffers, the frame's other arguments)``."""
+    """What :func:`_engine_frame` takes, built eagerly (the checks of ``_step``; each buffer
+    read where it is when its leaves are views of one, a previous step's results, else packed
+    by one copy into a spare buffer; three spare result buffers per layout), or ``None`` when
+    ``params`` has no floating-point leaf: ``(plan, buffers, results, the frame's other
+    arguments)``."""
     keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 0)
     if not keys:
         return None
@@ -263,10 +266,24 @@ def _engine_inputs(opt: KoalaPPTransform, params, grads, loss, state):
     with torch.no_grad():
         plan = engine_plan(opt, keys, p_leaves, g_leaves, 0)
         v = [v_leaves[k] for k in keys]
-        bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 0, spare_pack)
+        bufs = engine_buffers(opt, plan, v, [h_leaves[k] for k in keys], 0, _packed_or_copy)
+    # Results in buffers of their own, never in the inputs (which may be the caller's): one
+    # graph for both, with no aliasing between inputs and results to guard on.
+    outs = [
+        (layout.spare(), *(layout.spare(dtype=b.v.dtype) for _ in range(2)))
+        for (layout, _), b in zip(plan.groups, bufs, strict=True)
+    ]
     owners = [layout.owner for layout, _ in plan.groups]
     frame = (owners, tuple(plan.present), tuple(blocks_in(state)), tuple(hyper_of(state.hyper)))
-    return plan, [tuple(b) for b in bufs], (*frame, loss, state.step)
+    return plan, [tuple(b) for b in bufs], outs, (*frame, loss, state.step)
+
+
+def _packed_or_copy(layout: Layout, tensors: list, dtype: torch.dtype) -> torch.Tensor | None:
+    """The buffer that ``tensors`` are views of (a step fed its own results reads them where
+    they are: no packing copy), else :func:`spare_pack`. A ``packed`` callback of
+    :func:`engine_buffers`."""
+    base = layout.packed_base(tensors, 0, dtype)
+    return base if base is not None else spare_pack(layout, tensors, dtype)
 
 
 def spare_pack(
@@ -282,33 +299,31 @@ def spare_pack(
     return layout.pack(tensors, dtype, n_lead, out=layout.spare(*lead, dtype=dtype))
 
 
-def _engine_frame(opt: KoalaPPTransform, bufs, owners, present, blocks, hyper, loss, step):
+def _engine_frame(opt: KoalaPPTransform, bufs, outs, owners, present, blocks, hyper, loss, step):
     """The compiled part of ``torch.compile(opt.step)``: the engine over the packed buffers
-    that :func:`_engine_inputs` filled, its update written back into them (they are this
-    step's own copies). Its inputs are a few buffers whatever the number of tensors, so its
-    guards, compile time and overhead do not grow with them; :func:`_frame_outputs` makes the
-    views eagerly (a view that a graph returns is rebuilt by AOTAutograd, in Python, on every
-    call)."""
+    of :func:`_engine_inputs`, its update written into the result buffers ``outs``. Its
+    inputs are a few buffers whatever the number of tensors, so its guards, compile time and
+    overhead do not grow with them; :func:`_frame_outputs` makes the views eagerly (a view
+    that a graph returns is rebuilt by AOTAutograd, in Python, on every call)."""
     with torch.no_grad():
-        buffers = [Buffers(*b) for b in bufs]
         _, u = engine_run(
             opt,
             owners,
             present,
-            buffers,
+            [Buffers(*b) for b in bufs],
             Blocks(*blocks),
             Hyper(*hyper),
             loss,
             0,
-            out=[(b.theta, b.v, b.h) for b in buffers],
+            out=outs,
         )
         return blocks_out(u), step + 1
 
 
 @torch._dynamo.disable
-def _frame_outputs(params, state, plan, bufs, blocks, step):
-    """The new params and state: views of the buffers :func:`_engine_frame` updated."""
-    new = engine_views(plan, [(b[0], b[2], b[3]) for b in bufs], 0)
+def _frame_outputs(params, state, plan, outs, blocks, step):
+    """The new params and state: views of the result buffers :func:`_engine_frame` wrote."""
+    new = engine_views(plan, outs, 0)
     return engine_outputs(params, state, new, blocks, step)
 
 

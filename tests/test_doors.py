@@ -280,6 +280,48 @@ def test_compiled_step_over_raw_from_module_compiles_one_graph():
     assert not any(params.get(k).requires_grad for k in floats)
 
 
+def test_compiled_step_reads_its_own_results_in_place_and_leaves_them_unchanged(monkeypatch):
+    """Fed its own results, ``torch.compile(opt.step)`` packs only the gradients (the
+    parameters, ``v`` and ``h_prev`` are views of the last step's result buffers, read where
+    they are), writes into new buffers, and leaves the inputs, which the caller may keep,
+    as they were; every step equals the eager reference."""
+    from tensordict import TensorDict
+
+    import koala_func as kf
+    import koala_func.functional as kfun
+
+    packed = []
+    spare_pack = kfun.spare_pack
+    monkeypatch.setattr(
+        kfun,
+        "spare_pack",
+        lambda layout, t, dtype, *a: packed.append(1) or spare_pack(layout, t, dtype, *a),
+    )
+    g = torch.Generator().manual_seed(3)
+    params = TensorDict(
+        w=torch.randn(5, 3, generator=g, dtype=F64), b=torch.randn(3, generator=g, dtype=F64)
+    )
+    grads = params.apply(lambda p: torch.randn(p.shape, generator=g, dtype=F64))
+    opt = kf.koala_pp(lr=0.5, weight_decay=1e-3)
+    state = ref_state = opt.init(params)
+    ref = params
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    for i in range(3):
+        packed.clear()
+        kept_p, kept_s = params.clone(), state.clone()
+        loss = torch.tensor(0.8 - 0.1 * i, dtype=F64)
+        new, new_state = step(params, grads, loss, state)
+        ref, ref_state = opt.step(ref, grads, loss, ref_state)
+        # the first step packs params, grads, v and h_prev; later ones the gradients only
+        assert len(packed) == (4 if i == 0 else 1), (i, len(packed))
+        for td, kept in ((params, kept_p), (state.v, kept_s.v), (state.h_prev, kept_s.h_prev)):
+            assert all(torch.equal(td[k], kept[k]) for k in ("w", "b")), i
+        for k in ("w", "b"):
+            assert rel_dev(new[k], ref[k]) < 1e-12, (i, k)
+            assert new[k].untyped_storage().data_ptr() != params[k].untyped_storage().data_ptr()
+        params, state = new, new_state
+
+
 def test_step_inlined_into_a_users_compiled_function_is_one_graph():
     """A user's compiled function that calls ``opt.step`` traces it into its own graph (one
     graph, fullgraph), equal to the eager reference."""

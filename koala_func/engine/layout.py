@@ -75,8 +75,9 @@ class SparePool:
         True
     """
 
-    # A compiled functional step uses 7 per shape (the 3 results the caller holds, whose
-    # buffers it read, and 4 new packs); the rest leaves room for results the caller keeps.
+    # A compiled functional step uses 7 per shape (the 3 results the caller holds, which it
+    # reads, the gradients' pack and 3 new results); the rest leaves room for results the
+    # caller keeps.
     limit = 12
 
     def __init__(self) -> None:
