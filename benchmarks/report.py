@@ -642,10 +642,11 @@ def reuse_section(rows, split=None) -> list[str]:
         ks = [k for k in split["ms"] if k != 1]
         cells = ", ".join(f"{k} calls {split['x_one'][k]:.2f}" for k in ks)
         L[-1] += (
-            " And the split itself costs: both passes over "
+            " The split by itself: both passes over "
             f"{split['floats'] / 1e6:.2f}M floats as several compiled calls over row segments, "
             f"each after 64 MiB were written, took, over one call ({split['ms'][1]:.2f} ms): "
-            f"{cells}."
+            f"{cells}. So splitting would gain at most the saving above, less what the calls "
+            "add."
         )
     L += ["", "The step stays one graph over whole layouts.", ""]
     return L
