@@ -144,13 +144,14 @@ def run(reps: int = REPS, shapes: list[tuple[int, ...]] | None = None) -> dict:
 
 
 FLUSHED, AFTER_PASS1, WARM = "after 64 MiB written", "right after pass 1", "right after itself"
+FLUSH_FLOATS = 16 << 20  # 64 MiB of float32, larger than the last-level cache here
 
 
 def reuse(rows_list=(128, 512, 2048), reps: int = REPS, chunk: int = 2048) -> list[dict]:
     """Per buffer size (``rows`` of ``chunk`` floats), the median ms of pass 2 in the three
     situations of the module docstring, and each over the first."""
     pass1, pass2 = torch.compile(_pass1, fullgraph=True), torch.compile(_pass2, fullgraph=True)
-    flush = torch.empty(16 << 20)  # 64 MiB, larger than the last-level cache here
+    flush = torch.empty(FLUSH_FLOATS)
     out = []
     for rows in rows_list:
         gen = torch.Generator().manual_seed(0)
@@ -194,7 +195,7 @@ def split(rows: int = 2048, parts=(1, 2, 4, 8, 16), reps: int = REPS, chunk: int
     step = torch.compile(_segment_step, fullgraph=True, dynamic=False)
     gen = torch.Generator().manual_seed(0)
     bufs = [torch.randn(rows, chunk, generator=gen) * 0.01 for _ in range(4)]
-    flush = torch.empty(16 << 20)
+    flush = torch.empty(FLUSH_FLOATS)
     calls = {}
     for k in parts:
         n = rows // k
