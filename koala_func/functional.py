@@ -451,7 +451,10 @@ def engine_buffers(
             if found is not None:
                 return found
             if all(t is None for t in chosen):  # no gradient in this layout
-                return layout.zeros(*lead, dtype=dtype)
+                if torch.compiler.is_compiling():  # a constant that inductor folds in
+                    return layout.zeros(*lead, dtype=dtype)
+                # a recycled buffer, zeroed: a new one is a fresh mapping on CPU each call
+                return layout.spare(*lead, dtype=dtype).zero_()
             return layout.pack(chosen, dtype, n_lead)
 
         g = pk(plan.grads, layout.dtype, packed=packed_grads or packed)

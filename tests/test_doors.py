@@ -322,6 +322,43 @@ def test_compiled_step_reads_its_own_results_in_place_and_leaves_them_unchanged(
         params, state = new, new_state
 
 
+def test_compiled_step_reads_a_dtype_group_without_gradients_from_a_recycled_buffer(
+    monkeypatch,
+):
+    """A dtype group none of whose tensors has a gradient: ``torch.compile(opt.step)`` reads
+    zeros for it from a zeroed spare buffer, not from a new buffer of zeros at every call (on
+    CPU a fresh mapping that pays a page fault per 4 KiB), even after a step wrote that spare
+    buffer; every step equals the eager reference."""
+    from tensordict import TensorDict
+
+    import koala_func as kf
+    from koala_func.engine import Layout
+    from koala_func.engine.layout import SPARE, _unreferenced
+
+    g = torch.Generator().manual_seed(4)
+    params = TensorDict(w=torch.randn(5, 3, generator=g, dtype=F64), b=torch.randn(3, generator=g))
+    grads = TensorDict(w=torch.randn(5, 3, generator=g, dtype=F64))  # none for float32 b
+    # one block for both: values other than zeros for b would change the step of w
+    opt = kf.koala_pp(lr=0.5, weight_decay=1e-3, granularity="global")
+    state = ref_state = opt.init(params)
+    ref = params
+    step = torch.compile(opt.step, fullgraph=True, backend="eager")
+    made = []
+    zeros = Layout.zeros
+    for i in range(4):
+        if i == 1:  # after the first (tracing) call
+            monkeypatch.setattr(Layout, "zeros", lambda *a, **k: made.append(1) or zeros(*a, **k))
+            for buf in SPARE.buffers():  # every free spare dirty: the zeros must be written
+                if _unreferenced(buf):
+                    buf.fill_(float("nan"))
+        loss = torch.tensor(0.8 - 0.1 * i, dtype=F64)
+        params, state = step(params, grads, loss, state)
+        ref, ref_state = opt.step(ref, grads, loss, ref_state)
+        assert rel_dev(params["w"], ref["w"]) < 1e-12, i
+        assert rel_dev(params["b"], ref["b"]) < 1e-6, i
+    assert made == []
+
+
 def test_step_inlined_into_a_users_compiled_function_is_one_graph():
     """A user's compiled function that calls ``opt.step`` traces it into its own graph (one
     graph, fullgraph), equal to the eager reference."""
