@@ -40,10 +40,10 @@ def signature(x: Any) -> Hashable:
         (True, False)
     """
     kind = type(x)
+    if kind is torch.Tensor or isinstance(x, torch.Tensor):  # the usual value, first
+        return (kind, x.dtype, x.device, x.shape, x.stride(), x.requires_grad)
     if kind is tuple or kind is list:
         return (kind, tuple(map(signature, x)))
-    if isinstance(x, torch.Tensor):
-        return (kind, x.dtype, x.device, x.shape, x.stride(), x.requires_grad)
     if isinstance(x, (tuple, list)):  # a NamedTuple, say
         return (kind, tuple(map(signature, x)))
     return (kind, x)

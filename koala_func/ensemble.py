@@ -23,7 +23,7 @@ A sweep is an ensemble whose members differ only in their hyperparameters: 16 le
 
 from __future__ import annotations
 
-import functools
+import copy
 import itertools
 import operator
 import threading
@@ -44,7 +44,6 @@ from koala_func.functional import (
     KoalaPPTransform,
     blocks_in,
     blocks_out,
-    engine_buffers,
     engine_plan,
     engine_run,
     engine_state,
@@ -405,12 +404,12 @@ class _EngineEnsembleStep:
         fn = _with_own_code(packed_step, "ensemble_step")
         self._packed = torch.compile(fn, **kwargs)
         # The graph is called without Dynamo's guards (see _call): a signature of its inputs
-        # stands in for them; in place, the remembered plan's check covers theta, v and h.
+        # stands in for them; the remembered plan's check covers theta, v and h.
         self._fast = Precompiled(fn, self._packed, **kwargs) if fullgraph else None
         self._members = members
         self._kwargs = kwargs
         self._traced = None  # the whole step compiled over TensorDicts (no float leaves)
-        self._hot: _Hot | None = None  # the last in-place call's plan and buffers
+        self._hot: _Hot | None = None  # the plan for the next call (see _Hot)
         self._grads: dict[tuple, _GradBuffer] = {}  # see _packed_grads
 
     def __call__(self, params, grads, loss, state):
@@ -426,8 +425,14 @@ class _EngineEnsembleStep:
         if torch.compiler.is_compiling():
             new = self._members(params, grads, loss, state)
             return _written_back(params, state, *new) if inplace else new
-        opt = self.opt
         state = _stacked(state)
+        fields = state._tensordict._tensordict  # a TensorClass's fields: read once, directly
+        hot = self._hot
+        found = hot.match(params, grads, loss, fields) if hot is not None else None
+        if found is not None:  # the usual training loop: no planning, no checks again
+            with torch.no_grad():
+                return self._run(hot, *found, params, loss, state, fields, inplace)
+        opt = self.opt
         keys, p_leaves, g_leaves, v_leaves = opt._checked_leaves(params, grads, loss, state, 1)
         if not keys:
             if self._traced is None:
@@ -436,82 +441,66 @@ class _EngineEnsembleStep:
             new = self._traced(params, grads, loss, state)
             return _written_back(params, state, *new) if inplace else new
         n = ensemble_size(params)
-        fields = state._tensordict._tensordict  # a TensorClass's fields: read once, directly
-        hyper = fields["hyper"]._tensordict._tensordict
         h_leaves = leaves(fields["h_prev"])
-        if inplace:
-            with torch.no_grad():
-                found = (p_leaves, g_leaves, v_leaves, h_leaves)
-                self._update(keys, found, (fields, hyper), loss, n)
-            return params, state
-        with torch.no_grad():
-            plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
-            v = [v_leaves[k] for k in keys]
-            h = [h_leaves[k] for k in keys]
-            specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
-            owners = [layout.owner for layout, _ in plan.groups]
-            frame = (tuple(plan.present), tuple(blocks_in(fields)), fields["step"], loss)
-            frame = (*frame, tuple(hyper[k] for k in _HYPER))
-            grads_of = functools.partial(self._packed_grads, members=n)
-            bufs = engine_buffers(opt, plan, v, h, 1, _in_place, grads_of)
-            dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
-            outs = [
-                (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
-                for (layout, _), sd in zip(plan.groups, dtypes, strict=True)
-            ]
-            args = (
-                [tuple(b) for b in bufs],
-                specs,
-                # as [rows, C], the shape the update is computed in: inductor then writes each
-                # result in the loop that computes it (a [E, n_chunks, C] output would be a
-                # second loop, re-reading v_k from a temporary)
-                [tuple(_rows(t) for t in o) for o in outs],
-                owners,
-                *frame,
-            )
-            tensors = [t for b in args[0] for t in b if isinstance(t, torch.Tensor)]
-            block_state, step = self._call(args, [t for o in args[2] for t in o], tensors)
-            new = engine_views(plan, outs, 1)
-        v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
-        return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
-
-    def _update(self, keys, found, read, loss, n: int) -> None:
-        """The in-place step: the engine writes into the packed member buffers that the
-        leaves of ``found`` (params, grads, v, h by key) are views of, or into packed
-        copies whose results are then copied into the leaves. Where every leaf was a view,
-        the buffers are remembered (weakly) with the leaves they came from: a call on the
-        same leaves, the usual training loop (hyperparameter schedules included), skips the
-        planning."""
-        p_leaves, g_leaves, v_leaves, h_leaves = found
-        fields, hyper = read  # the state's fields and hyperparameters, as _step read them
-        # the block state, step and hyperparameters are read from the state at every call
         own = [p_leaves[k] for k in keys] + [v_leaves[k] for k in keys]
         own += [h_leaves[k] for k in keys]
-        mask = tuple(k in g_leaves for k in keys)
-        hot = self._hot
-        bufs = hot.buffers(keys, own, mask) if hot is not None else None
-        if bufs is None:
-            plan = engine_plan(self.opt, keys, p_leaves, g_leaves, 1)
-            v, h = own[len(keys) : 2 * len(keys)], own[2 * len(keys) :]
-            bufs, copies = _own_buffers(self.opt, plan, v, h, n)
-            hot = _Hot(keys, plan, own, mask, bufs)
+        with torch.no_grad():
+            plan = engine_plan(opt, keys, p_leaves, g_leaves, 1)
+            bufs, copies = _input_buffers(opt, plan, own, n, inplace)
+            hot = _Hot(opt, plan, own, (p_leaves, g_leaves), bufs, n)
+            # in place, kept where every leaf is a view (the same buffers next time);
+            # functionally, _run keeps the plan for its results
             self._hot = None if copies else hot
-        else:
-            copies = []
+            out = self._run(hot, bufs, g_leaves, params, loss, state, fields, inplace)
+            for leaves_of, buf, layout in copies:  # leaves that were not packed views
+                for t, view in zip(leaves_of, layout.views(buf), strict=True):
+                    t.copy_(view)
+        return out
+
+    def _run(self, hot: _Hot, bufs, g_leaves, params, loss, state, fields, inplace: bool):
+        """The compiled call on the buffers ``bufs`` (per layout ``theta, v, h``) that
+        ``hot`` describes, and the results: in place, ``params`` and ``state`` (written);
+        else new TensorDicts over new packed buffers, which ``self._hot`` then describes."""
+        keys, n = hot.keys, hot.members
         grads = [
             self._packed_grads(layout, [g_leaves.get(keys[i]) for i in idx], layout.dtype, n)
             for layout, idx in hot.groups
         ]
-        bufs = [(t, g, v, h) for (t, v, h), g in zip(bufs, grads, strict=True)]
         blocks = tuple(blocks_in(fields))
+        hyper = fields["hyper"]._tensordict._tensordict
         frame = (fields["step"], loss, tuple(hyper[k] for k in _HYPER))
-        args = (bufs, hot.specs, None, hot.owners, hot.present, blocks, *frame)
-        written = [t for b in bufs for t in (b[0], b[2], b[3])] + [*blocks, frame[0]]
-        key = (hot.signature, signature([b[1] for b in bufs]), signature((blocks, frame)))
-        self._call(args, written, [g for g in grads if g is not None], key)
-        for leaves_of, buf, layout in copies:  # leaves that were not packed views
-            for t, view in zip(leaves_of, layout.views(buf), strict=True):
-                t.copy_(view)
+        args = [[(t, g, v, h) for (t, v, h), g in zip(bufs, grads, strict=True)], hot.specs]
+        if inplace:
+            outs = None
+            written = [t for b in bufs for t in b] + [*blocks, frame[0]]
+            read = [g for g in grads if g is not None]
+            outs_key = None
+        else:
+            outs = [
+                (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
+                for (layout, _), sd in zip(hot.groups, hot.state_dtypes, strict=True)
+            ]
+            # as [rows, C], the shape the update is computed in: inductor then writes each
+            # result in the loop that computes it (a [E, n_chunks, C] output would be a
+            # second loop, re-reading v_k from a temporary)
+            rows = [tuple(_rows(t) for t in o) for o in outs]
+            written = [t for o in rows for t in o]
+            read = [t for b in args[0] for t in b if isinstance(t, torch.Tensor)]
+            if hot.outs_signature is None:  # spare buffers: the same for every call
+                hot.outs_signature = signature(rows)
+            outs_key = hot.outs_signature
+        args.append(rows if outs is not None else None)
+        args += [hot.owners, hot.present, blocks, *frame]
+        key = (hot.signature, signature(grads), outs_key, signature((blocks, frame)))
+        result = self._call(args, written, read, key)
+        if inplace:
+            return params, state
+        block_state, step = result
+        new = engine_views(hot.plan, outs, 1)
+        own = [new[j][k] for j in range(3) for k in keys]
+        self._hot = hot.moved(own, outs)
+        v, h_prev = replace_leaves(fields["v"], new[1]), replace_leaves(fields["h_prev"], new[2])
+        return replace_leaves(params, new[0]), engine_state(state, v, h_prev, block_state, step)
 
     def _packed_grads(
         self, layout, tensors: list, dtype: torch.dtype, members: int
@@ -582,63 +571,128 @@ class _GradBuffer:
 
 
 class _Hot:
-    """What an in-place ensemble step planned, kept for the next call on the same tensors:
-    the layouts and the packed buffers (as ``[rows, C]``) of theta, v and h. It holds weak
-    references only, so it keeps no buffer or state alive, and it answers only for the same
-    keys, the same leaves (params, v, h) with the same addresses, strides and shapes
-    (``p.data =``, ``set_`` or ``as_strided_`` change them), and the same gradients present.
+    """What an ensemble step planned, kept for the next call on the same tensors: the
+    layouts, the checks that passed, and where the packed buffers of theta, v and h are.
+
+    In place, the leaves are the call's own inputs (params, v, h), views of the packed
+    member buffers; functionally, the leaves of the call's results, which the next call of a
+    training loop gets back. It holds weak references only, so it keeps no buffer or state
+    alive, and it answers only for the same leaf keys, the same leaves (params, v, h) with the
+    same addresses, strides and shapes (``p.data =``, ``set_`` or ``as_strided_`` change
+    them), gradients with the same keys, shapes and dtypes, and a state with as many blocks.
     """
 
-    def __init__(self, keys, plan, own, mask, bufs):
-        self.keys = list(keys)
+    def __init__(self, opt, plan, own, found, bufs, members: int):
+        p_leaves, g_leaves = found
+        self.opt = opt
+        self.keys = list(plan.keys)
+        self.plan = plan._replace(params=[], grads=[])  # no tensor: the layouts and keys
         self.groups = plan.groups
+        self.members = members
+        self.n_blocks = len(plan.present)
+        self.state_dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
         self.specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
         self.owners = [layout.owner for layout, _ in plan.groups]
         self.present = tuple(plan.present)
+        self.all_keys = tuple(p_leaves)
+        self.grad_keys = tuple(g_leaves)
+        self.grad_meta = [(g.shape, g.dtype) for g in g_leaves.values()]
+        self.outs_signature = None  # functional: of the result buffers (see _run)
+        self.of_results = False  # the leaves are a functional call's results (see moved)
+        self._track(own, bufs)
+
+    def _track(self, own, bufs) -> None:
         self.refs = [weakref.ref(t) for t in own]
         self.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
-        self.mask = mask
         # what the compiled graph specializes on in these inputs (all but the gradients, the
         # block state, the step, the loss and the hyperparameters, which the caller adds)
         self.signature = signature((bufs, self.specs, self.owners, self.present))
-        # each [rows, C] buffer again from the first leaf of its layout (a view of it)
-        n = len(keys)
+        # each buffer again from the first leaf of its layout (a view of it); None where a
+        # layout's tensors are packed inside the graph (a tuple)
+        self.geometry = None
+        if any(isinstance(b, tuple) for row in bufs for b in row):
+            return
+        n = len(self.keys)
         self.geometry = [
             tuple(
                 (m * n + idx[0], tuple(b.shape), b.stride(), b.storage_offset())
                 for m, b in enumerate(row)
             )
-            for row, (_, idx) in zip(bufs, plan.groups, strict=True)
+            for row, (_, idx) in zip(bufs, self.groups, strict=True)
         ]
 
-    def buffers(self, keys, own, mask) -> list | None:
-        """Per layout ``(theta, v, h)`` as ``[rows, C]``, or ``None`` where anything moved."""
-        if mask != self.mask or keys != self.keys:
+    def moved(self, own, outs) -> _Hot:
+        """This plan for the leaves ``own`` of a functional call's results, views of the
+        packed buffers ``outs`` (per layout ``theta, v, h``: new spare buffers, alike at
+        every call, so a plan that already describes results keeps its geometry)."""
+        hot = copy.copy(self)
+        if self.of_results:
+            hot.refs = [weakref.ref(t) for t in own]
+            hot.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
+        else:
+            hot._track(own, outs)
+            hot.of_results = True
+        return hot
+
+    def match(self, params, grads, loss, fields) -> tuple | None:
+        """Per layout ``(theta, v, h)``, and the gradients by key, for a call on the tensors
+        this plan was made for (``fields``: the state's); ``None`` where anything differs."""
+        if (
+            self.geometry is None
+            or type(params) is not TensorDict
+            or not isinstance(grads, TensorDictBase)
+            or not isinstance(loss, torch.Tensor)
+            or loss.dim() not in (1, 2)
+        ):
             return None
-        alive = [r() for r in self.refs]
-        if len(own) != len(alive) or not all(map(operator.is_, alive, own)):
+        p_leaves = leaves(params)
+        if tuple(p_leaves) != self.all_keys:
+            return None
+        v_leaves, h_leaves = leaves(fields["v"]), leaves(fields["h_prev"])
+        keys = self.keys
+        try:
+            own = [p_leaves[k] for k in keys] + [v_leaves[k] for k in keys]
+            own += [h_leaves[k] for k in keys]
+        except KeyError:
+            return None
+        if not all(map(operator.is_, [r() for r in self.refs], own)):
             return None
         if [(t.data_ptr(), t.stride(), t.shape) for t in own] != self.where:
             return None
-        return [tuple(own[j].as_strided(*g) for j, *g in row) for row in self.geometry]
+        g_leaves = leaves(grads)
+        if tuple(g_leaves) != self.grad_keys:
+            return None
+        if [(g.shape, g.dtype) for g in g_leaves.values()] != self.grad_meta:
+            return None
+        if fields["s"].shape[-1] != self.n_blocks:
+            return None
+        self.opt._check_loss(loss, 1)
+        bufs = [tuple(own[j].as_strided(*g) for j, *g in row) for row in self.geometry]
+        return bufs, g_leaves
 
 
-def _own_buffers(opt: KoalaPPTransform, plan, v: list, h: list, n: int):
-    """The buffers an in-place step writes: per layout ``(theta, v, h)`` as ``[rows, C]``,
-    the packed member buffers that the leaves are views of, else spare packed copies (listed
-    in ``copies`` as ``(leaves, buffer, layout)``, for the write-back)."""
+def _input_buffers(opt: KoalaPPTransform, plan, own: list, n: int, inplace: bool):
+    """Per layout ``(theta, v, h)`` from the leaves ``own`` (params, v, h in key order), and
+    the copies to write back. In place: as ``[rows, C]``, the packed member buffers that the
+    leaves are views of, else spare packed copies (listed in ``copies`` as ``(leaves, buffer,
+    layout)``, for the write-back). Functionally: see :func:`_in_place`."""
     bufs, copies = [], []
+    k = len(plan.keys)
+    sets = (own[:k], own[k : 2 * k], own[2 * k :])
     for layout, idx in plan.groups:
         sd = opt.state_dtype or layout.dtype
-        own = []
-        for tensors, dtype in ((plan.params, layout.dtype), (v, sd), (h, sd)):
+        row = []
+        for tensors, dtype in zip(sets, (layout.dtype, sd, sd), strict=True):
             chosen = [tensors[i] for i in idx]
+            if not inplace:
+                row.append(_in_place(layout, chosen, dtype))
+                continue
             buf = layout.packed_base(chosen, 1, dtype)
             if buf is None:
                 buf = spare_pack(layout, chosen, dtype, 1)
                 copies.append((chosen, buf, layout))
-            own.append(_rows(buf))
-        bufs.append(tuple(own))
+            row.append(_rows(buf))
+        bufs.append(tuple(row))
     return bufs, copies
 
 

@@ -355,6 +355,44 @@ def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(
     assert not torch.equal(chained_p.get(key), ref_p.get(key))
 
 
+def test_functional_step_fed_its_results_plans_once_and_keeps_nothing_alive(
+    compiled_opt_step, monkeypatch
+):
+    """A training loop that feeds the functional step its own results plans once: later
+    calls skip the checks and the planning and read the results' buffers where they are. A
+    result of an earlier call is planned again and gives what it gave the first time, and
+    the remembered plan keeps no result alive."""
+    import gc
+
+    opt, step, params = compiled_opt_step
+    n = ensemble_size(params)
+    plans = []
+    real = ke.engine_plan
+    monkeypatch.setattr(ke, "engine_plan", lambda *a, **k: plans.append(1) or real(*a, **k))
+    p, s = params, ensemble_init(opt, params, **member_hyper(n))
+    history = []
+    for k in range(4):
+        p, s = step(p, make_grads(params, k), make_loss(n, k, True), s)
+        history.append((p, s))
+    assert len(plans) == 1
+    eager = ensemble_step(opt, compile=False)
+    ref_p, ref_s = params, ensemble_init(opt, params, **member_hyper(n))
+    for k in range(4):
+        ref_p, ref_s = eager(ref_p, make_grads(params, k), make_loss(n, k, True), ref_s)
+    assert_close_td(p, ref_p)
+    assert_same_state(s, ref_s)
+    old_p, old_s = history[1]
+    again_p, again_s = step(old_p, make_grads(params, 2), make_loss(n, 2, True), old_s)
+    assert len(plans) == 2
+    assert_close_td(again_p, history[2][0], 0)
+    assert_same_state(again_s, history[2][1], 0)
+    hot = step._hot
+    assert hot is not None and all(r() is not None for r in hot.refs)
+    del p, s, history, old_p, old_s, again_p, again_s
+    gc.collect()
+    assert all(r() is None for r in hot.refs)
+
+
 def test_lazily_stacked_members_step_like_dense_ones(compiled_opt_step):
     """Member params and states joined by ``LazyStackedTensorDict.lazy_stack`` (not copied
     into one TensorDict) step exactly like ``torch.stack``-ed ones."""
