@@ -100,7 +100,7 @@ def rotation(members: int = 64, rounds: int = 300, turns: int = 3) -> dict[str, 
     seen: dict[str, tuple] = {}
     call, packed_grads = door._call, door._packed_grads
 
-    def record_call(args, written, read, key=None):
+    def record_call(args, written, read, key):
         seen["call"] = (args, key)
         return call(args, written, read, key)
 

@@ -523,11 +523,11 @@ class _EngineEnsembleStep:
             buf = self._grads[key] = _GradBuffer(layout, members, dtype)
         return buf.fill(tensors)
 
-    def _call(self, args: tuple, written: list, read: Sequence, key=None):
+    def _call(self, args: Sequence, written: list, read: Sequence, key):
         """``self._packed(*args)``; through :class:`~koala_func._precompiled.Precompiled`
         (no guard evaluation) where the tensors the graph writes have storages of their own,
         apart from each other and from the tensors in ``read``: Dynamo guards on aliasing.
-        ``key``: the signature of ``args``, where the caller knows it."""
+        ``key``: what the graph specializes on in ``args`` (see :meth:`_run`)."""
         if self._fast is None:
             return self._packed(*args)
         storages = {t.untyped_storage().data_ptr() for t in written}
@@ -535,7 +535,7 @@ class _EngineEnsembleStep:
             t.untyped_storage().data_ptr() in storages for t in read
         ):
             return self._packed(*args)
-        return self._fast(signature(args) if key is None else key, *args)
+        return self._fast(key, *args)
 
 
 #: Gradient buffers one ensemble step keeps (layouts times threads) before it drops them all.
@@ -601,9 +601,13 @@ class _Hot:
         self.of_results = False  # the leaves are a functional call's results (see moved)
         self._track(own, bufs)
 
-    def _track(self, own, bufs) -> None:
+    def _track(self, own, bufs=None) -> None:
+        """Point the plan at the leaves ``own``, views of ``bufs`` (``None``: buffers alike
+        the ones it describes, so their signature and geometry stay)."""
         self.refs = [weakref.ref(t) for t in own]
         self.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
+        if bufs is None:
+            return
         # what the compiled graph specializes on in these inputs (all but the gradients, the
         # block state, the step, the loss and the hyperparameters, which the caller adds)
         self.signature = signature((bufs, self.specs, self.owners, self.present))
@@ -626,12 +630,8 @@ class _Hot:
         packed buffers ``outs`` (per layout ``theta, v, h``: new spare buffers, alike at
         every call, so a plan that already describes results keeps its geometry)."""
         hot = copy.copy(self)
-        if self.of_results:
-            hot.refs = [weakref.ref(t) for t in own]
-            hot.where = [(t.data_ptr(), t.stride(), t.shape) for t in own]
-        else:
-            hot._track(own, outs)
-            hot.of_results = True
+        hot._track(own, None if self.of_results else outs)
+        hot.of_results = True
         return hot
 
     def match(self, params, grads, loss, fields) -> tuple | None:
