@@ -361,16 +361,23 @@ class KoalaPP(torch.optim.Optimizer):
             raise ValueError("observe_loss got both 0-d and 1-d losses before one step")
         self._observed.append(t)
 
-    def _as_loss(self, loss: torch.Tensor | float) -> torch.Tensor:
+    def _as_loss(
+        self, loss: torch.Tensor | float, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         # Reduced in the scalar dtype (float32 at least), as the functional door does: a
         # bfloat16 mean of the per-sample losses would shift R and the step by ~0.3%.
-        dtype = _scalar_dtype(p for g in self.param_groups for p in g["params"])
+        # ``dtype``: that dtype, known already (the engine's, checked this step).
+        if dtype is None:
+            dtype = _scalar_dtype(p for g in self.param_groups for p in g["params"])
         if isinstance(loss, torch.Tensor):
             return loss.detach().to(dtype)
         return torch.tensor(float(loss), dtype=dtype)
 
-    def _resolve_loss(self, loss, returned) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-        """(mean, mean of squares, per_sample) of the loss this step uses, or None."""
+    def _resolve_loss(
+        self, loss, returned, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+        """(mean, mean of squares, per_sample) of the loss this step uses, or None
+        (``dtype``: the scalar dtype, where known)."""
         observed, self._observed = self._observed, []
         if loss is None and observed:
             if observed[0].dim() == 0:
@@ -384,7 +391,7 @@ class KoalaPP(torch.optim.Optimizer):
             loss = returned
         if loss is None:
             return None
-        t = self._as_loss(loss)
+        t = self._as_loss(loss, dtype)
         if t.dim() > 1:
             raise ValueError(
                 f"loss must be the minibatch mean (0-d) or the per-sample losses (1-d), "
@@ -425,7 +432,14 @@ class KoalaPP(torch.optim.Optimizer):
             with torch.enable_grad():
                 returned = closure()
         used = loss if loss is not None else (self._observed or returned)
-        moments = self._resolve_loss(loss, returned)
+        packed = self._packed if self._impl == "engine" else None
+        # Inside a user's torch.compile the buffers are traced as they are (a data-pointer
+        # check would break the graph); eagerly, a replaced tensor is re-packed, before the
+        # loss is read in the engine's scalar dtype (a scan of every parameter otherwise).
+        if packed is not None and not torch.compiler.is_compiling() and packed.stale():
+            self._rebuild()
+            packed = self._packed
+        moments = self._resolve_loss(loss, returned, packed.cdt if packed is not None else None)
         if moments is None:
             if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 return returned  # e.g. DCP's initialising call: the state exists already
@@ -437,13 +451,8 @@ class KoalaPP(torch.optim.Optimizer):
         self._check_variance(moments[2])
         grad_scale = getattr(self, "grad_scale", None) if scaled else None
         found_inf = getattr(self, "found_inf", None) if scaled else None
-        if self._impl == "engine":
-            assert self._packed is not None
-            # Inside a user's torch.compile the buffers are traced as they are (a data-pointer
-            # check would break the graph); eagerly, a replaced tensor is re-packed.
-            if not torch.compiler.is_compiling() and self._packed.stale():
-                self._rebuild()
-            self._packed.step(moments, grad_scale, found_inf)
+        if packed is not None:
+            packed.step(moments, grad_scale, found_inf)
         else:
             self._reference_step(moments, grad_scale, found_inf)
         if closure is not None:
@@ -644,6 +653,12 @@ class _Packed:
         self.hyper = torch.zeros(len(groups), len(HYPERPARAMETERS), dtype=cdt, device=dev)
         self._hyper_values: list | None = None  # the Python values last written into hyper
         self._local_slots = [s for s in self.slots if not s.dtensor]
+        self._dtensor_slots = [s for s in self.slots if s.dtensor]
+        # The step's buffer arguments, fixed until the next rebuild; and the hyperparameters
+        # per block, until _fill_hyper writes new values.
+        self._buffers = tuple([f[i] for f in self.flats] for i in range(4))
+        self._owners = [layout.owner for layout in self.layouts]
+        self._block_hyper: Hyper | None = None
         self.replaced = False  # a parameter object was replaced (_replace_parameter)
         # What stale() compares against: where our views point, as built.
         self._ptrs = [s.theta.data_ptr() for s in self._local_slots]
@@ -703,21 +718,25 @@ class _Packed:
             return
         mean, mean_sq, _ = moments
         present = self._gather_grads()
-        thetas = [f[0] for f in self.flats]
-        grads = [f[1] for f in self.flats]
+        thetas, grads, vs, hs = self._buffers
         if grad_scale is not None:
             torch._foreach_mul_(grads, (1.0 / grad_scale.double()).to(self.cdt).to(self.device))
         decay = self._fill_hyper()
-        hyper = Hyper(*self.hyper[self.block_group].unbind(-1))
+        compiling = torch.compiler.is_compiling()
+        hyper = None if compiling else self._block_hyper
+        if hyper is None:
+            hyper = Hyper(*self.hyper[self.block_group].unbind(-1))
+            if not compiling:
+                self._block_hyper = hyper
         skip_all = None if found_inf is None else (found_inf.to(self.device) != 0)
         raise_groups = [g for g in self.opt.param_groups if g["nonfinite"] == "raise"]
         before = self.blocks.skipped.clone() if raise_groups else None
         args = (
             thetas,
             grads,
-            [f[2] for f in self.flats],
-            [f[3] for f in self.flats],
-            [layout.owner for layout in self.layouts],
+            vs,
+            hs,
+            self._owners,
             self.blocks,
             self.steps,
             hyper,
@@ -796,13 +815,14 @@ class _Packed:
         # DTensor parameters keep their own storage (FSDP2 all-gathers from it): their local
         # shards are copied into theta before a step (a checkpoint load or the user may have
         # written them since) and back after it.
-        pairs = [(_local(s.param), s.theta) for s in self.slots if s.dtensor]
-        if pairs:
-            local, theta = [a for a, _ in pairs], [b for _, b in pairs]
-            if into_buffers:
-                torch._foreach_copy_(theta, local)
-            else:
-                torch._foreach_copy_(local, theta)
+        if not self._dtensor_slots:
+            return
+        local = [_local(s.param) for s in self._dtensor_slots]
+        theta = [s.theta for s in self._dtensor_slots]
+        if into_buffers:
+            torch._foreach_copy_(theta, local)
+        else:
+            torch._foreach_copy_(local, theta)
 
     def _fill_hyper(self) -> bool:
         """Write the groups' hyperparameters into ``hyper`` (one row per group); returns
@@ -820,6 +840,8 @@ class _Packed:
         cache = plain and not torch.compiler.is_compiling()
         if cache and values == self._hyper_values:
             return decay
+        if not torch.compiler.is_compiling():
+            self._block_hyper = None  # hyper changes now (every step, for tensor values)
         if cache:
             self.hyper.copy_(torch.tensor(values, dtype=self.hyper.dtype))
         else:

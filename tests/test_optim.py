@@ -455,6 +455,24 @@ def test_model_to_another_dtype_after_construction():
     assert functional_state(o1).count.tolist() == [4, 4, 4, 4]
 
 
+def test_loss_is_read_in_the_dtype_of_the_parameters_as_they_are_now():
+    """After ``model.to(float64)`` the step reads the loss in float64: a loss that float32
+    cannot tell from 1 still changes the step (the engine's buffers are re-packed before the
+    loss is read in their scalar dtype)."""
+    weights = []
+    for loss in (1.0, 1.0 + 1e-10):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 2)
+        o = KoalaPP(m.parameters(), lr=0.5, compile=False)
+        m.to(torch.float64)
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        o.step(loss=torch.tensor(loss, dtype=torch.float64))
+        weights.append(m.weight.detach().clone())
+    assert weights[0].dtype == torch.float64
+    assert not torch.equal(weights[0], weights[1])
+
+
 def test_zero_grad_clears_after_model_to():
     torch.manual_seed(0)
     m = torch.nn.Linear(3, 2)
