@@ -433,6 +433,7 @@ class KoalaPP(torch.optim.Optimizer):
                 returned = closure()
         used = loss if loss is not None else (self._observed or returned)
         packed = self._packed if self._impl == "engine" else None
+        assert packed is not None or self._impl == "reference"
         # Inside a user's torch.compile the buffers are traced as they are (a data-pointer
         # check would break the graph); eagerly, a replaced tensor is re-packed, before the
         # loss is read in the engine's scalar dtype (a scan of every parameter otherwise).
