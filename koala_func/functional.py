@@ -434,18 +434,17 @@ def engine_buffers(
     h: list[torch.Tensor],
     n_lead: int,
     packed: Packed | None = None,
-    packed_grads: Packed | None = None,
 ) -> list[Buffers]:
     """Per layout, the :class:`~koala_func.engine.Buffers` of the step: ``packed(layout,
-    tensors, dtype)`` may return an existing buffer that ``tensors`` are views of (the
-    ensemble door), and ``packed_grads`` (default ``packed``) does so for the gradients;
-    otherwise the tensors are packed (a missing gradient is zeros)."""
+    tensors, dtype)`` may return an existing buffer that ``tensors`` are views of, or a copy
+    (the functional door's :func:`_packed_or_copy`); otherwise the tensors are packed (a
+    missing gradient is zeros)."""
     bufs = []
     for layout, idx in plan.groups:
         sd = opt.state_dtype or layout.dtype
         lead = plan.params[idx[0]].shape[:n_lead]
 
-        def pk(items, dtype, layout=layout, idx=idx, lead=lead, packed=packed):
+        def pk(items, dtype, layout=layout, idx=idx, lead=lead):
             chosen = [items[i] for i in idx]
             found = packed(layout, chosen, dtype) if packed is not None else None
             if found is not None:
@@ -457,7 +456,7 @@ def engine_buffers(
                 return layout.spare(*lead, dtype=dtype).zero_()
             return layout.pack(chosen, dtype, n_lead)
 
-        g = pk(plan.grads, layout.dtype, packed=packed_grads or packed)
+        g = pk(plan.grads, layout.dtype)
         bufs.append(Buffers(pk(plan.params, layout.dtype), g, pk(v, sd), pk(h, sd)))
     return bufs
 

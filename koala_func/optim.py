@@ -838,10 +838,11 @@ class _Packed:
         plain = all(not isinstance(v, torch.Tensor) for row in values for v in row)
         # Inside a user's torch.compile: write every row, keep no cache (a cache attribute
         # mutated in the graph would fail its guard on the next call).
-        cache = plain and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        cache = plain and not compiling
         if cache and values == self._hyper_values:
             return decay
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._block_hyper = None  # hyper changes now (every step, for tensor values)
         if cache:
             self.hyper.copy_(torch.tensor(values, dtype=self.hyper.dtype))
@@ -852,7 +853,7 @@ class _Packed:
                         row[j].copy_(val.detach())
                     else:
                         row[j] = val
-        if not torch.compiler.is_compiling():
+        if not compiling:
             self._hyper_values = values if cache else None
         return decay
 
