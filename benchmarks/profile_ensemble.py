@@ -17,10 +17,11 @@ TensorDicts apart and builds the results, plus the profiler's own cost.
 ``--rotation`` times the in-place door and what it is made of, each in the report's rotation
 (its four ensemble cases interleaved, odd rounds reversed) in the door's place: its compiled
 call alone, called with the arguments of the door's last call (the kernel and the wrappers of
-torch's compiled code, none of our Python), and that call after the refill of the step's
-packed gradient buffer from the same gradients (everything but our Python). What runs before
-a call moves its time, so each runs between the same neighbours; the three rotations take
-turns. Each time is also given over stacked ``Adam(fused=True)`` of its own rotation.
+torch's compiled code, none of our Python). The report's member, an MLP of 6 tensors (at most
+``PER_TENSOR_LAYOUTS``), has a layout per tensor: the step reads its gradients where they are,
+so there is no gradient refill between the two. What runs before a call moves its time, so each
+runs between the same neighbours; the rotations take turns. Each time is also given over
+stacked ``Adam(fused=True)`` of its own rotation.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from benchmarks.harness import (
 )
 
 CALL = "its compiled call alone"
-REFILL = "gradient refill + compiled call"
 
 
 def run(
@@ -88,7 +88,7 @@ def run(
 
 
 def rotation(members: int = 64, rounds: int = 300, turns: int = 3) -> dict[str, float]:
-    """Median ms of the in-place door, of its parts (:data:`CALL`, :data:`REFILL`) and of
+    """Median ms of the in-place door, of its compiled call alone (:data:`CALL`) and of
     the report's other ensemble cases, and ``"x " + name``: the median over rounds of the
     ratio to stacked ``Adam`` in the same rotation (see the module docstring). ``turns``:
     how many times each rotation runs, ``rounds`` rounds each."""
@@ -98,22 +98,17 @@ def rotation(members: int = 64, rounds: int = 300, turns: int = 3) -> dict[str, 
     }
     door = cases[ENS_INPLACE].extra["door"]
     seen: dict[str, tuple] = {}
-    call, packed_grads = door._call, door._packed_grads
+    call = door._call
 
     def record_call(args, written, read, key):
         seen["call"] = (args, key)
         return call(args, written, read, key)
 
-    def record_grads(layout, tensors, dtype, members):
-        seen["grads"] = (door._grads, tensors)
-        return packed_grads(layout, tensors, dtype, members)
-
-    door._call, door._packed_grads = record_call, record_grads
+    door._call = record_call
     cases[ENS_INPLACE].fn()
-    del door._call, door._packed_grads  # the instance attributes: back to the methods
+    del door._call  # the instance attribute: back to the method
     args, key = seen["call"]
-    kept, tensors = seen["grads"]
-    (buf,) = kept.values()  # one layout, one thread
+    assert not door._grads, "the member's gradients are packed: the rotation omits that"
 
     def compiled() -> None:
         if door._fast is not None:
@@ -121,11 +116,7 @@ def rotation(members: int = 64, rounds: int = 300, turns: int = 3) -> dict[str, 
         else:
             door._packed(*args)
 
-    def refilled() -> None:
-        buf.fill(tensors)
-        compiled()
-
-    subjects = {ENS_INPLACE: cases[ENS_INPLACE].fn, REFILL: refilled, CALL: compiled}
+    subjects = {ENS_INPLACE: cases[ENS_INPLACE].fn, CALL: compiled}
     times: dict[str, list[float]] = {}
     ratios: dict[str, list[float]] = {}
     for _ in range(turns):
@@ -158,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             f"E={args.members}, {args.turns} turns of {args.rounds} interleaved rounds each "
             f"(ms, x {ENS_ADAM}):"
         )
-        for k in (ENS_INPLACE, REFILL, CALL, ENS, ENS_ADAM, ENS_LOOP):
+        for k in (ENS_INPLACE, CALL, ENS, ENS_ADAM, ENS_LOOP):
             print(f"  {k:50s} {r[k]:7.3f}  {r['x ' + k]:5.2f}x")
         return
     r = run(args.members, inplace=args.inplace, guarded=args.guarded)

@@ -39,7 +39,7 @@ from tensordict import LazyStackedTensorDict, TensorDict, TensorDictBase, is_ten
 from koala_func._precompiled import Precompiled, signature
 from koala_func._validation import Scalar, check_hyperparameters
 from koala_func.engine import Blocks, Buffers, Hyper
-from koala_func.engine.layout import pack_in_graph
+from koala_func.engine.layout import SPARE, pack_in_graph
 from koala_func.functional import (
     KoalaPPTransform,
     blocks_in,
@@ -97,19 +97,27 @@ def stack_params(modules: Sequence[torch.nn.Module]) -> TensorDictBase:
 
 def member_views(td: TensorDictBase) -> TensorDictBase:
     """``td`` (``batch_size=[E]``) with its floating-point leaves copied into the engine's
-    packed member buffers (``[E, n_chunks, C]``, one per dtype) and returned as views of them.
+    packed member buffers and returned as views of them.
 
-    These are the strides that the compiled ensemble step returns, so a step fed views
-    returns views (no copy out) and compiles once; a step fed contiguous leaves returns
-    contiguous copies. :func:`stack_params` and :func:`ensemble_init` return such views. Use
-    ``reshape`` rather than ``view`` on them: they are not contiguous across members.
+    These are the buffers that the compiled ensemble step reads and writes in place, so a step
+    fed them packs nothing (a step fed other leaves packs them by a copy). A small model, at
+    most :data:`~koala_func.functional.PER_TENSOR_LAYOUTS` tensors of a dtype, gets one buffer
+    per tensor, the tensor itself: contiguous ``[E, *shape]`` leaves (the step reads any
+    contiguous leaf in place, its gradients too). A larger one gets one ``[E, n_chunks, C]``
+    buffer per dtype, whose views are not contiguous across members (use ``reshape`` rather
+    than ``view`` on them). :func:`stack_params` and :func:`ensemble_init` return such views.
 
     Examples:
         >>> import torch
         >>> from tensordict import TensorDict
-        >>> td = member_views(TensorDict(w=torch.ones(4, 3), batch_size=[4]))
-        >>> td["w"].shape, td["w"].is_contiguous(), bool((td["w"] == 1).all())
-        (torch.Size([4, 3]), False, True)
+        >>> small = member_views(TensorDict(w=torch.ones(4, 3), batch_size=[4]))
+        >>> small["w"].shape, small["w"].is_contiguous(), bool((small["w"] == 1).all())
+        (torch.Size([4, 3]), True, True)
+        >>> big = member_views(TensorDict({f"w{i}": torch.ones(4, 3) for i in range(9)}, [4]))
+        >>> big["w0"].is_contiguous()
+        False
+        >>> len({big[f"w{i}"].untyped_storage().data_ptr() for i in range(9)})  # one buffer
+        1
     """
     found = leaves(td)
     keys = float_keys(found)
@@ -280,8 +288,9 @@ def ensemble_step(
             results equal those of ``inplace=False``. The engine then updates the packed
             member buffers where they are (:func:`stack_params`, :func:`ensemble_init` and
             :func:`member_views` make them): no new buffers, and the writes go to memory
-            the step has just read. Other leaves (contiguous, lazily stacked) get the
-            results by a copy. Not with a differentiable optimizer (it would overwrite
+            the step has just read. Other leaves (strided, lazily stacked, or contiguous ones
+            of a member of more than ``PER_TENSOR_LAYOUTS`` tensors) get the results by a
+            copy. Not with a differentiable optimizer (it would overwrite
             the values its graph saved).
         fullgraph: passed to ``torch.compile``; the KOALA++ step has no graph breaks.
         **compile_kwargs: other ``torch.compile`` arguments (``mode``, ``dynamic``, ...).
@@ -349,13 +358,16 @@ class _EngineEnsembleStep:
     """:func:`ensemble_step` of an optimizer: the engine with a member dimension.
 
     Called eagerly, the TensorDicts are taken apart in Python and only the packed buffers
-    enter a compiled graph: leaves that are views of the engine's packed member buffers
-    (:func:`stack_params`, :func:`ensemble_init`, :func:`member_views`, and this step's own
-    results) are read in place, others are packed by one copy each. The graph then has a
-    handful of inputs whatever the number of tensors, so its guards, its compile time and
-    its steady-state overhead do not grow with them. The results are views of new packed
-    buffers (on CPU from :data:`koala_func.engine.layout.SPARE`: buffers of earlier results
-    that nothing references any more). Traced inside a user's ``torch.compile``, the step is
+    enter a compiled graph: leaves that are the engine's packed member buffers or views of
+    them (:func:`stack_params`, :func:`ensemble_init`, :func:`member_views`, and this step's
+    own results) are read in place, others are packed by one copy each. A member of at most
+    :data:`~koala_func.functional.PER_TENSOR_LAYOUTS` tensors of a dtype has a layout per
+    tensor, whose buffer is the contiguous tensor itself, so its gradients are read in place
+    too; a larger one shares one buffer per dtype, and the graph then has a handful of inputs
+    whatever the number of tensors, so its guards, its compile time and its steady-state
+    overhead do not grow with them. The results are views of new packed buffers (on CPU a
+    set from :data:`koala_func.engine.layout.SPARE`: buffers of earlier results that nothing
+    references any more). Traced inside a user's ``torch.compile``, the step is
     the engine in that graph.
 
     In place, the graph writes into the packed member buffers themselves (leaves that are not
@@ -401,6 +413,10 @@ class _EngineEnsembleStep:
             return opt._step(params, grads, loss, state, n_lead=1)
 
         kwargs = {"fullgraph": fullgraph, **compile_kwargs}
+        if kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
+            # The graph's own checks of its inputs' sizes and strides, tens of them for a
+            # member of a few tensors, at every call: its callers have checked them (see _call)
+            kwargs["options"] = {"size_asserts": False, **kwargs.get("options", {})}
         fn = _with_own_code(packed_step, "ensemble_step")
         self._packed = torch.compile(fn, **kwargs)
         # The graph is called without Dynamo's guards (see _call): a signature of its inputs
@@ -476,10 +492,8 @@ class _EngineEnsembleStep:
             read = [g for g in grads if g is not None]
             outs_key = None
         else:
-            outs = [
-                (layout.spare(n), *(layout.spare(n, dtype=sd) for _ in range(2)))
-                for (layout, _), sd in zip(hot.groups, hot.state_dtypes, strict=True)
-            ]
+            found = SPARE.empty_set(hot.out_specs, hot.device)
+            outs = [tuple(found[i : i + 3]) for i in range(0, len(found), 3)]
             # as [rows, C], the shape the update is computed in: inductor then writes each
             # result in the loop that computes it (a [E, n_chunks, C] output would be a
             # second loop, re-reading v_k from a temporary)
@@ -590,7 +604,14 @@ class _Hot:
         self.groups = plan.groups
         self.members = members
         self.n_blocks = len(plan.present)
-        self.state_dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
+        state_dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
+        # functional: the result buffers, theta, v and h of each layout (SPARE.empty_set)
+        self.out_specs = [
+            ((members, layout.n_chunks, layout.chunk_size), dtype)
+            for (layout, _), sd in zip(plan.groups, state_dtypes, strict=True)
+            for dtype in (layout.dtype, sd, sd)
+        ]
+        self.device = plan.groups[0][0].device
         self.specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
         self.owners = [layout.owner for layout, _ in plan.groups]
         self.present = tuple(plan.present)

@@ -23,6 +23,7 @@ Also here: glue that turns a module and a loss into pure functions of the parame
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -348,6 +349,15 @@ _engine_inputs = torch._dynamo.disable(_engine_inputs)
 _LAYOUTS: dict[tuple, list[tuple[Layout, list[int]]]] = {}
 
 
+#: With leading member dims (ensembles), a dtype group of at most this many tensors gets one
+#: layout per tensor, of one chunk (the whole tensor): the packed buffer of a contiguous
+#: ``[E, *shape]`` tensor is the tensor itself, so the step reads the members' parameters,
+#: states and gradients where they are, with no packing copy and no padding. It costs graph
+#: inputs and loops per tensor (compile time grows with them up to this bound); larger groups
+#: share one layout, whose compile time does not grow with the number of tensors.
+PER_TENSOR_LAYOUTS = 8
+
+
 @torch._dynamo.assume_constant_result
 def _groups(key: tuple) -> list[tuple]:
     # Plain Python even while Dynamo traces a step (a trace-time constant): interpreted, this
@@ -357,10 +367,18 @@ def _groups(key: tuple) -> list[tuple]:
     groups: dict[tuple, list[int]] = {}
     for i, (_, dt, dev) in enumerate(sig):
         groups.setdefault((dt, state_dtype or dt, dev, flags[i]), []).append(i)
-    return [
-        (tuple(sig[i][0] for i in idx), dt, dev, tuple(blocks[i] for i in idx), idx)
-        for (dt, _, dev, _), idx in groups.items()
-    ]
+    out = []
+    for (dt, _, dev, _), idx in groups.items():
+        if n_lead and len(idx) <= PER_TENSOR_LAYOUTS:  # (shapes, ..., idx, chunk size)
+            out += [((sig[i][0],), dt, dev, (blocks[i],), [i], _numel(sig[i][0])) for i in idx]
+        else:
+            shapes = tuple(sig[i][0] for i in idx)
+            out.append((shapes, dt, dev, tuple(blocks[i] for i in idx), idx, None))
+    return out
+
+
+def _numel(shape: tuple) -> int:
+    return max(1, math.prod(shape))
 
 
 def layouts_for(
@@ -370,8 +388,9 @@ def layouts_for(
     n_lead: int,
     sharded: list[bool] | None = None,
 ) -> list[tuple[Layout, list[int]]]:
-    """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors``, with
-    the indices of its tensors; cached by structure, so a compiled step builds them once."""
+    """One :class:`Layout` per (dtype, state dtype, device, sharded) group of ``tensors`` (or
+    per tensor of a small group, with member dims: :data:`PER_TENSOR_LAYOUTS`), with the
+    indices of its tensors; cached by structure, so a compiled step builds them once."""
     # Per tensor only what the guards fix; the rest is worked out in _groups (plain Python).
     sig = tuple((t.shape, t.dtype, t.device) for t in tensors)
     flags = tuple(sharded) if sharded is not None else (False,) * len(tensors)
@@ -382,8 +401,8 @@ def layouts_for(
     found = None if compiling else _LAYOUTS.get(key)
     if found is None:
         found = [
-            (Layout(shapes, dt, dev, group_blocks), idx)
-            for shapes, dt, dev, group_blocks, idx in _groups(key)
+            (Layout(shapes, dt, dev, group_blocks, chunk_size=chunk), idx)
+            for shapes, dt, dev, group_blocks, idx, chunk in _groups(key)
         ]
         if not compiling:
             _LAYOUTS[key] = found

@@ -207,32 +207,12 @@ def test_compiled_vmap_matches_loop(compiled_opt_step, per_member):
     assert_same_state(s, ref_s)
 
 
-def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
-    """member_views re-homes the float leaves as views of one packed buffer (values kept,
-    integer leaves untouched). The step gives the same result on views and on contiguous
-    leaves, returns packed views either way, reads packed inputs in place (only the gradients
-    are packed), and compiles no graph for either."""
+def _count_packs(monkeypatch) -> list:
+    """Every pack of a step from now on: an eager ``Layout.pack``, tensors handed to the graph
+    to pack (a small layout's), or the step's own gradient buffer refilled."""
     from koala_func.engine import Layout
 
-    opt, step, params = compiled_opt_step
-    mixed = params.clone()
-    mixed["count"] = torch.arange(ensemble_size(params))  # an integer leaf passes through
-    views = member_views(mixed)
-    assert torch.equal(views["count"], mixed["count"])
-    floats = [k for k, v in params.items(True, True) if v.is_floating_point()]
-    ptrs = {views.get(k).untyped_storage().data_ptr() for k in floats}
-    assert len(ptrs) == 1  # one dtype: one packed buffer
-    for k in floats:
-        assert torch.equal(views.get(k), params.get(k))
-    assert not all(views.get(k).is_contiguous() for k in floats)
-
-    hyper = member_hyper(ensemble_size(params))
-    # warm both graphs: a first step packs contiguous params, later steps read them in place
-    run_ensemble(step, opt, params, hyper, 2, True)
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    # a pack: an eager Layout.pack, tensors handed to the graph to pack (a small layout), or
-    # the step's own gradient buffer refilled
-    packs = []
+    packs: list = []
     original = Layout.pack
     monkeypatch.setattr(Layout, "pack", lambda *a, **k: packs.append(1) or original(*a, **k))
     fill = ke._GradBuffer.fill
@@ -246,19 +226,97 @@ def test_member_views_layout_and_step(compiled_opt_step, monkeypatch):
         return found
 
     monkeypatch.setattr(ke, "_in_place", counted)
-    ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
-    # ensemble_init packs v and h_prev; the first step packs the contiguous params, then each
-    # step packs its gradients
-    assert len(packs) == 2 + 1 + 3
-    packs.clear()
-    new_p, new_s = run_ensemble(step, opt, views.exclude("count"), hyper, 3, True)
-    assert len(packs) == 2 + 3  # the gradients only: params, v and h_prev are read in place
-    assert_close_td(new_p, ref_p, 0)
-    assert_same_state(new_s, ref_s, 0)
+    return packs
+
+
+def test_small_ensembles_are_read_where_they_are(compiled_opt_step, monkeypatch):
+    """A small ensemble (at most PER_TENSOR_LAYOUTS tensors a dtype) has one layout per
+    tensor, the tensor itself: member_views gives contiguous leaves of their own (values
+    kept, integer leaves untouched), and the step, functional or in place, packs nothing:
+    not its params, not its state, not its gradients (fresh contiguous tensors at every
+    step). Its results are contiguous, and no graph is compiled for any of it."""
+    from doors import COMPILED_F64, ensemble_fn
+
+    from koala_func.functional import PER_TENSOR_LAYOUTS
+
+    opt, step, params = compiled_opt_step
+    _, step_ip = ensemble_fn(COMPILED_F64, "auto", True, inplace=True)
+    n = ensemble_size(params)
+    mixed = params.clone()
+    mixed["count"] = torch.arange(n)  # an integer leaf passes through
+    views = member_views(mixed)
+    assert torch.equal(views["count"], mixed["count"])
+    floats = [k for k, v in params.items(True, True) if v.is_floating_point()]
+    assert 1 < len(floats) <= PER_TENSOR_LAYOUTS
+    assert len({views.get(k).untyped_storage().data_ptr() for k in floats}) == len(floats)
     for k in floats:
-        assert ref_p.get(k).stride() == views.get(k).stride()  # packed views out, always
-        assert new_p.get(k).stride() == views.get(k).stride()
+        assert torch.equal(views.get(k), params.get(k))
+        assert views.get(k).is_contiguous()
+
+    hyper = member_hyper(n)
+    ref_p, ref_s = run_ensemble(step, opt, params, hyper, 3, True)
+    run_ensemble(step_ip, opt, params.clone(), hyper, 1, True)  # compiled, if it was not yet
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for door in (step, step_ip):
+        p = member_views(params)
+        state = ensemble_init(opt, p, **hyper)  # packs v and h_prev, before the count
+        with monkeypatch.context() as m:
+            packs = _count_packs(m)
+            for k in range(3):
+                out = door(p, make_grads(params, k), make_loss(n, k, True), state)
+                if door is step_ip:
+                    assert out[0] is p and out[1] is state
+                p, state = out
+        assert packs == []
+        assert_close_td(p, ref_p, 0)
+        assert_same_state(state, ref_s, 0)
+        assert all(p.get(k).is_contiguous() for k in floats)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def _many_tensors(n: int, seed: int = 0) -> TensorDict:
+    """Members of more tensors than PER_TENSOR_LAYOUTS: one packed layout for them all."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 2), (4,), (5,), (2, 2), (3,), (6,), (1, 4), (2,), (3, 3)]
+    leaves = {
+        f"t{i}": torch.randn(n, *s, generator=g, dtype=torch.float64) for i, s in enumerate(shapes)
+    }
+    return TensorDict(leaves, batch_size=[n])
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+def test_larger_ensembles_share_one_packed_layout(inplace, monkeypatch):
+    """More tensors than PER_TENSOR_LAYOUTS (of a dtype) share one packed layout, whose
+    compile time does not grow with them: member_views re-homes the leaves as views of one
+    buffer, which the compiled step reads and writes where it is (only the gradients are
+    packed, one copy a step) and returns packed views of again; every member equals its own
+    single-model run."""
+    from koala_func.functional import PER_TENSOR_LAYOUTS
+
+    n = 3
+    opt = koala_pp(lr=0.3, sigma=0.2, q=0.05, weight_decay=1e-3)
+    plain = _many_tensors(n)
+    assert len(plain.keys(True, True)) > PER_TENSOR_LAYOUTS
+    params = member_views(plain)
+    keys = list(params.keys(True, True))
+    assert len({params.get(k).untyped_storage().data_ptr() for k in keys}) == 1
+    assert not any(params.get(k).is_contiguous() for k in keys)
+    hyper = member_hyper(n)
+    ref_p, ref_s = loop_reference(opt, plain, hyper, N_STEPS, per_sample=True)
+    step = ensemble_step(opt, inplace=inplace)
+    state = ensemble_init(opt, params, **hyper)
+    packs = _count_packs(monkeypatch)
+    p = params
+    for k in range(N_STEPS):
+        out = step(p, make_grads(plain, k), make_loss(n, k, True), state)
+        if inplace:
+            assert out[0] is p and out[1] is state
+        p, state = out
+    assert len(packs) == N_STEPS  # the gradients, once a step
+    assert_close_td(p, ref_p)
+    assert_same_state(state, ref_s)
+    for k in keys:
+        assert p.get(k).stride() == params.get(k).stride()  # packed views out
 
 
 def test_recycled_buffers_never_overwrite_live_results(compiled_opt_step):
@@ -317,9 +375,9 @@ def test_results_fed_back_are_read_in_place_and_moved_leaves_are_read(
     ref_p, ref_s = steps(replaced)
     misses.clear()
     chained_p, _ = steps(lambda p, s: (p, s))
-    # the first step packs the stacked params and the gradients (v, h_prev: ensemble_init's
-    # packed views); later steps only the gradients (fresh tensors)
-    assert len(misses) == 2 + 2
+    # a small ensemble: every leaf, the gradients included, is contiguous, the buffer of its
+    # own layout (one per tensor), so nothing is packed
+    assert misses == []
 
     def moved(p, s):
         for k in p.keys(True, True):
@@ -589,8 +647,8 @@ def test_in_place_step_reads_edited_leaves_and_state_not_remembered_buffers(
 
 def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compiled_inplace_step):
     """The remembered plan holds no tensor alive, serves new hyperparameters (a schedule),
-    and is kept only when every leaf was a view of a packed buffer (else the leaves are
-    packed again at every call)."""
+    and is kept only when every leaf was a packed buffer or a view of one (else the leaves
+    are packed again at every call)."""
     import gc
 
     opt, _, params = compiled_opt_step
@@ -608,7 +666,9 @@ def test_in_place_step_remembers_weakly_and_only_views(compiled_opt_step, compil
     del p, s
     gc.collect()
     assert all(r() is None for r in hot.refs)
-    p, s = params.clone(), ensemble_init(opt, params)  # contiguous params: copies
+    # strided params (not the buffer of a layout, nor a view of one): copies
+    p, s = params.apply(lambda t: t.mT.contiguous().mT), ensemble_init(opt, params)
+    assert not any(t.is_contiguous() for t in p.values(True, True))
     compiled_inplace_step(p, make_grads(params, 0), make_loss(n, 0, True), s)
     assert compiled_inplace_step._hot is None
 

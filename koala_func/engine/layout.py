@@ -82,6 +82,7 @@ class SparePool:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, list[torch.Tensor]] = {}
+        self._sets: dict[tuple, list[list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype, device) -> torch.Tensor:
@@ -100,18 +101,54 @@ class SparePool:
             kept.append(buf)
             return _alias(buf)
 
+    def empty_set(self, specs: Sequence[tuple], device) -> list[torch.Tensor]:
+        """Buffers of the ``(shape, dtype)`` of ``specs``, handed out together: a set whose
+        buffers no tensor shares any more, else a new one. A step's results need one buffer
+        per tensor of a small layout: one check each here, where :meth:`empty` costs a few
+        microseconds a buffer. These are the pool's own tensors, not new ones on their
+        storage: pass them to a graph and hand out views of them, never the tensors.
+
+        Examples:
+            >>> import torch
+            >>> pool = SparePool()
+            >>> specs = [((2, 3), torch.float32), ((4,), torch.float64)]
+            >>> a, b = pool.empty_set(specs, "cpu")
+            >>> held = a.view(-1)  # a view of one buffer keeps the whole set in use
+            >>> pool.empty_set(specs, "cpu")[0] is a
+            False
+            >>> del held
+            >>> pool.empty_set(specs, "cpu")[0] is a  # handed out again
+            True
+        """
+        if device is None or torch.device(device).type != "cpu":
+            return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+        key = tuple(specs)
+        with self._lock:
+            kept = self._sets.setdefault(key, [])
+            for found in kept:
+                if all(map(_unreferenced, found)):
+                    return found
+            found = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
+            if len(kept) < self.limit:
+                kept.append(found)
+            return found
+
     def keys(self) -> list[tuple]:
-        """The ``(shape, dtype)`` of every kind of buffer the pool keeps."""
-        return list(self._buffers)
+        """The ``(shape, dtype)`` of every kind of buffer the pool keeps (and the specs of
+        every kind of set)."""
+        return [*self._buffers, *self._sets]
 
     def buffers(self, keys: Sequence[tuple] | None = None) -> list[torch.Tensor]:
         """Every buffer the pool keeps (of the kinds ``keys``, from :meth:`keys`)."""
         chosen = self._buffers if keys is None else keys
-        return [b for k in chosen for b in self._buffers.get(k, [])]
+        found = [b for k in chosen for b in self._buffers.get(k, [])]
+        sets = self._sets if keys is None else keys
+        return found + [b for k in sets for kept in self._sets.get(k, []) for b in kept]
 
     def clear(self) -> None:
         with self._lock:
             self._buffers.clear()
+            self._sets.clear()
 
 
 def _alias(buf: torch.Tensor) -> torch.Tensor:
@@ -430,6 +467,9 @@ class Layout:
             )
         lead = flat.shape[:-2]
         C = self.chunk_size
+        if lead and self.n_chunks * C == self.numels[0] and flat.is_contiguous():
+            # one tensor filling the buffer (a small ensemble's layout): the buffer reshaped
+            return [flat.view(*lead, *self.shapes[0])]
         if not flat.is_contiguous():
             rows = flat.reshape(*lead, -1)
             return [
@@ -496,6 +536,10 @@ class Layout:
         if first is None or first.dtype != dtype or first.dim() < n_lead:
             return None
         C, row = self.chunk_size, self.n_chunks * self.chunk_size
+        if n_lead and row == self.numels[0]:  # one tensor filling the buffer (see views)
+            if first.shape[n_lead:] != self.shapes[0] or not first.is_contiguous():
+                return None
+            return first.view(*first.shape[:n_lead], self.n_chunks, C)
         lead = tuple(first.shape[:n_lead])
         buf_strides = _contiguous_strides((*lead, self.n_chunks, C))
         origin = first.storage_offset() - self.starts[0] * C

@@ -75,6 +75,10 @@ def _per_chunk(x: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(-1)
 
 
+def _cat(xs: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs, dim)
+
+
 def _block_sums(parts: torch.Tensor, owner: torch.Tensor, n_blocks: int) -> torch.Tensor:
     if n_blocks == 1:
         return parts.sum(-2, keepdim=True)
@@ -304,15 +308,20 @@ def run(
     ]
     tiles = [_tiles(b.g) for b in bufs]
 
-    # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart).
-    dots = {True: None, False: None}
+    # Pass 1: per-chunk partial sums, then per-block sums (sharded and replicated apart), by
+    # one index_add over every layout's chunks: many small layouts (an ensemble's, one per
+    # tensor) would otherwise add a [..., T, 7] buffer each.
+    found: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
     for owner, buf, wd_c, shard, layout_tiles in zip(
         owners, bufs, wds, sharded, tiles, strict=True
     ):
         for tile in layout_tiles:
-            parts = partial_sums(buf, wd_c, tile, cdt)
-            d = _block_sums(parts, owner if tile is None else owner[tile], n_blocks)
-            dots[shard] = d if dots[shard] is None else dots[shard] + d
+            found[shard][0].append(partial_sums(buf, wd_c, tile, cdt))
+            found[shard][1].append(owner if tile is None else owner[tile])
+    dots = {
+        shard: _block_sums(_cat(parts, -2), _cat(whose, 0), n_blocks) if parts else None
+        for shard, (parts, whose) in found.items()
+    }
 
     if reduce is not None:
         one = torch.ones_like(mean)
