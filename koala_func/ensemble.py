@@ -606,11 +606,11 @@ class _Hot:
         self.n_blocks = len(plan.present)
         state_dtypes = [opt.state_dtype or layout.dtype for layout, _ in plan.groups]
         # functional: the result buffers, theta, v and h of each layout (SPARE.empty_set)
-        self.out_specs = [
+        self.out_specs = tuple(
             ((members, layout.n_chunks, layout.chunk_size), dtype)
             for (layout, _), sd in zip(plan.groups, state_dtypes, strict=True)
             for dtype in (layout.dtype, sd, sd)
-        ]
+        )
         self.device = plan.groups[0][0].device
         self.specs = [(tuple(layout.counts), layout.chunk_size) for layout, _ in plan.groups]
         self.owners = [layout.owner for layout, _ in plan.groups]

@@ -414,6 +414,9 @@ class Layout:
             g["view_strides"],
         )
         self._dense_strides = g["dense_strides"]  # contiguous strides of each shape
+        # One tensor filling the buffer, no padding (a small ensemble's layout, one per tensor):
+        # with member dims a contiguous [*lead, *shape] tensor is its own packed buffer.
+        self._whole = len(self.shapes) == 1 and self.n_chunks * self.chunk_size == self.numels[0]
         self._view_geometries: dict[tuple, list[tuple]] = {}  # see _view_geometry
         self._pack_plans: dict[tuple, tuple] = {}  # see pack
         self.dtype = dtype
@@ -467,8 +470,7 @@ class Layout:
             )
         lead = flat.shape[:-2]
         C = self.chunk_size
-        if lead and self.n_chunks * C == self.numels[0] and flat.is_contiguous():
-            # one tensor filling the buffer (a small ensemble's layout): the buffer reshaped
+        if lead and self._whole and flat.is_contiguous():  # the buffer reshaped
             return [flat.view(*lead, *self.shapes[0])]
         if not flat.is_contiguous():
             rows = flat.reshape(*lead, -1)
@@ -536,7 +538,7 @@ class Layout:
         if first is None or first.dtype != dtype or first.dim() < n_lead:
             return None
         C, row = self.chunk_size, self.n_chunks * self.chunk_size
-        if n_lead and row == self.numels[0]:  # one tensor filling the buffer (see views)
+        if n_lead and self._whole:  # the tensor itself, if contiguous
             if first.shape[n_lead:] != self.shapes[0] or not first.is_contiguous():
                 return None
             return first.view(*first.shape[:n_lead], self.n_chunks, C)
